@@ -92,7 +92,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h)
         logits = self.lm_head(h)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,403 @@
+"""The run configuration: one typed object, built from the command line and validated once.
+
+Each section is a dataclass; each field carries its own help text in ``metadata``, so the
+command line (:mod:`gpt2.cli`) is generated from these classes and cannot drift from them.
+Fields whose default is ``None`` are filled from the model preset (:mod:`gpt2.presets`),
+then from ``FALLBACKS``; :func:`resolve` does that and records which values the user gave.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gpt2.errors import ConfigError
+from gpt2.model.config import GPTConfig
+from gpt2.presets import PRESETS
+
+ARCHITECTURES = ("vanilla", "unified-ra")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune")
+PRUNING_METHODS = ("none", "magnitude", "movement", "state")
+BITTER_VARIANTS = tuple(f"bitter{i}" for i in range(10))
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRACKERS = ("none", "wandb", "trackio")
+KNOWN_DATASETS = ("shakespeare", "finewebedu", "openwebtext")
+
+# Capabilities whose flags exist but whose implementation lands with a later issue.
+NOT_IMPLEMENTED_ISSUE = {
+    "unified-ra": 3,
+    "ablation": 3,
+    "adamwspam": 4,
+    "adamwprune": 4,
+    "pruning": 4,
+    "distributed": 5,
+    "tracker": 5,
+}
+
+
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its command-line help (and optional ``aliases``, ``choices``, ``metavar``)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class ModelSection:
+    """Model and architecture."""
+
+    architecture: str = opt("vanilla", "which model family and trainer extension", choices=ARCHITECTURES)
+    model_name: str = opt(
+        "gpt2",
+        "size preset; 'tiny' (4 layers, 4 heads, 128 wide) is the CPU preset",
+        choices=tuple(PRESETS),
+        aliases=("--model-size",),
+    )
+    n_layer: int | None = opt(None, "override the preset's number of layers")
+    n_head: int | None = opt(None, "override the preset's number of heads")
+    n_embd: int | None = opt(None, "override the preset's embedding width")
+    block_size: int | None = opt(None, "context length in tokens (preset default: 1024 for GPT-2, 64 for tiny)")
+    dropout: float | None = opt(None, "dropout probability everywhere (preset default: 0.1 GPT-2, 0 tiny)")
+    bias: bool = opt(True, "bias in Linear and LayerNorm layers (the earlier system could not turn it off)")
+    ra_step: str | None = opt(
+        None, "V-series step for --architecture unified-ra (default V1)", aliases=("--ra-mla-ablation-step",)
+    )
+    compile: bool = opt(False, "torch.compile the model")
+    flash_attention: bool = opt(
+        False, "accepted for compatibility; SDPA already picks the flash kernel when it can"
+    )
+
+
+@dataclass
+class AblationSection:
+    """Ablation studies (unified-ra)."""
+
+    ablation_mode: bool = opt(False, "run several V-steps one after another under the same budget and data")
+    ablation_steps: str | None = opt(None, "comma-separated steps for --ablation-mode (default V0,V1,V3)")
+    list_steps: bool = opt(False, "print the V-step table and exit")
+
+
+@dataclass
+class DataSection:
+    """Data."""
+
+    dataset: str = opt(
+        "shakespeare",
+        "shakespeare (bundled, offline), finewebedu, openwebtext, or a path to a text file or folder",
+    )
+    data_dir: str = opt("./gpt2/data", "where prepared datasets live (<data-dir>/<dataset>/train.bin)")
+    batch_size: int | None = opt(None, "sequences per micro-batch per process (preset default)")
+    gradient_accumulation: int | None = opt(
+        None, "micro-batches per optimizer step per process; effective batch = batch x accumulation x ranks"
+    )
+
+
+@dataclass
+class OptimSection:
+    """Optimizer and learning rate."""
+
+    optimizer: str = opt(
+        "adamw",
+        "optimizer; adam gets no weight decay, use adamw for decoupled decay (the earlier default "
+        "adamwspam crashed on a missing setting; AdamW is the default here)",
+        choices=OPTIMIZERS,
+    )
+    learning_rate: float | None = opt(None, "peak learning rate (preset default: 6e-4 GPT-2)")
+    min_lr: float | None = opt(None, "floor of the cosine decay (preset default: lr/10)")
+    warmup_steps: int | None = opt(None, "linear warmup steps (preset default: 200 GPT-2)")
+    decay_lr: bool = opt(True, "cosine-decay the LR to --min-lr (off: constant after warmup)")
+    weight_decay: float = opt(
+        0.1, "decoupled weight decay on >=2-D weights only (really applied; it was silently 0 before)"
+    )
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float | None = opt(None, "Adam beta2 (default 0.999 as the earlier system; tiny preset 0.99)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 turns clipping off")
+    spam_theta: float = opt(50.0, "AdamWSPAM: spike clipping strength theta")
+    spam_interval: int = opt(1000, "AdamWSPAM: momentum reset interval in steps; 0 disables resets")
+    spam_warmup_steps: int = opt(1000, "AdamWSPAM: LR re-warmup steps after each reset")
+    spam_enable_clip: bool = opt(False, "AdamWSPAM: spike-aware per-element gradient clipping")
+    adamwprune_variant: str = opt("bitter0", "AdamWPrune importance score", choices=BITTER_VARIANTS)
+    adamwprune_base_optimizer_name: str = opt("adamw", "AdamWPrune base optimizer", choices=("adamw", "adamwspam"))
+    adamwprune_beta1: float = opt(0.9, "AdamWPrune beta1")
+    adamwprune_beta2: float = opt(0.999, "AdamWPrune beta2")
+    adamwprune_weight_decay: float = opt(0.0, "AdamWPrune weight decay")
+    adamwprune_amsgrad: bool = opt(False, "AdamWPrune AMSGrad")
+    adamwprune_frequency: int = opt(50, "AdamWPrune mask update period in steps")
+
+
+@dataclass
+class PruningSection:
+    """Pruning."""
+
+    pruning_method: str = opt("none", "what decides which weights are pruned", choices=PRUNING_METHODS)
+    target_sparsity: float = opt(0.5, "final fraction of prunable weights set to zero, in [0, 1)")
+    pruning_warmup: int = opt(1000, "steps before any pruning")
+
+
+@dataclass
+class TrainSection:
+    """Training run."""
+
+    max_iters: int = opt(10000, "optimizer steps; also the LR decay horizon")
+    max_time: float = opt(0, "wall-clock budget in seconds (0: none); the run stops at whichever comes first")
+    num_epochs: float | None = opt(
+        None, "passes over the training tokens; sets --max-iters from the dataset size", aliases=("--epochs",)
+    )
+    seed: int = opt(1337, "seed for init, dropout and data order")
+    device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    dtype: str = opt(
+        "auto", "auto: bfloat16 autocast on CUDA (float16 if unsupported), float32 on CPU", choices=DTYPES
+    )
+    log_interval: int | None = opt(None, "steps between train-loss logs")
+    eval_interval: int | None = opt(None, "steps between evaluations")
+    eval_samples: int | None = opt(None, "batches per split per evaluation")
+    dry_run: bool = opt(
+        False, "validate flags, build the model, run one step on a random batch, print the config, exit"
+    )
+    quiet: bool = opt(False, "no progress bar and no per-step log lines")
+
+
+@dataclass
+class OutputSection:
+    """Outputs and checkpoints."""
+
+    output_dir: str = opt("./output", "metrics.jsonl, results.json and checkpoints go here")
+    save_checkpoint: bool = opt(False, "save checkpoint_last.pt and checkpoint_best.pt")
+    checkpoint_interval: int = opt(1000, "steps between checkpoints with --save-checkpoint")
+    keep_checkpoints: int = opt(
+        0, "with --save-checkpoint, also keep the K most recent checkpoint_step_N.pt files"
+    )
+    resume: str | None = opt(None, "resume from a checkpoint PATH, or 'auto' (the output dir's last one if any)")
+    json_output: str | None = opt(None, "also copy results.json to this path (legacy flag)")
+    sample_tokens: int = opt(200, "tokens of text to sample and print at the end (0: none)")
+
+
+@dataclass
+class TrackSection:
+    """Experiment tracking."""
+
+    tracker: str = opt("none", "none, wandb, trackio, or a comma list")
+    tracker_project: str = opt("", "tracker project (empty: derived from the working directory)")
+    tracker_run_name: str = opt("", "tracker run name (empty: gpt2_<optimizer>_<timestamp>)")
+
+
+@dataclass
+class DistSection:
+    """Distributed (torchrun)."""
+
+    ddp_find_unused_params: bool = opt(True, "pass find_unused_parameters to DDP")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "ablation": AblationSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "pruning": PruningSection,
+    "train": TrainSection,
+    "output": OutputSection,
+    "track": TrackSection,
+    "dist": DistSection,
+}
+
+# Defaults for preset-dependent fields when the preset does not set them.
+FALLBACKS: dict[str, Any] = dict(
+    block_size=1024,
+    dropout=0.0,
+    batch_size=8,
+    gradient_accumulation=1,
+    learning_rate=6e-4,
+    warmup_steps=200,
+    beta2=0.999,
+    log_interval=10,
+    eval_interval=100,
+    eval_samples=200,
+)
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run, grouped by section; build with :func:`resolve`."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    ablation: AblationSection = field(default_factory=AblationSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    pruning: PruningSection = field(default_factory=PruningSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    track: TrackSection = field(default_factory=TrackSection)
+    dist: DistSection = field(default_factory=DistSection)
+    explicit: tuple[str, ...] = ()  # field names the user set on the command line
+
+    def gpt_config(self) -> GPTConfig:
+        """The model configuration this run builds."""
+        m = self.model
+        preset = PRESETS[m.model_name]
+        return GPTConfig(
+            block_size=m.block_size,
+            n_layer=m.n_layer or preset.n_layer,
+            n_head=m.n_head or preset.n_head,
+            n_embd=m.n_embd or preset.n_embd,
+            dropout=m.dropout,
+            bias=m.bias,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        d["explicit"] = list(self.explicit)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Inverse of :meth:`to_dict`; unknown keys (from other versions) are ignored."""
+        kwargs: dict[str, Any] = {}
+        for name, section in SECTIONS.items():
+            known = {f.name for f in fields(section)}
+            kwargs[name] = section(**{k: v for k, v in d.get(name, {}).items() if k in known})
+        return cls(**kwargs, explicit=tuple(d.get("explicit", ())))
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step on one process."""
+        return self.data.batch_size * self.data.gradient_accumulation * self.model.block_size
+
+
+def section_of(name: str) -> str:
+    """The section that owns field ``name``."""
+    for sec, cls in SECTIONS.items():
+        if any(f.name == name for f in fields(cls)):
+            return sec
+    raise KeyError(name)
+
+
+def resolve(values: dict[str, Any], explicit: set[str] | None = None) -> RunConfig:
+    """Build a validated :class:`RunConfig` from flat ``field -> value`` pairs.
+
+    ``values`` may omit fields (their defaults apply). Preset-dependent ``None`` fields are
+    filled from the preset, then from ``FALLBACKS``. Raises :class:`ConfigError` on bad input.
+    """
+    explicit = set(explicit if explicit is not None else values)
+    sections: dict[str, Any] = {}
+    for sec, cls in SECTIONS.items():
+        names = {f.name for f in fields(cls)}
+        sections[sec] = cls(**{k: v for k, v in values.items() if k in names})
+    unknown = set(values) - {f.name for cls in SECTIONS.values() for f in fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    cfg = RunConfig(**sections, explicit=tuple(sorted(explicit)))
+    preset = PRESETS.get(cfg.model.model_name)
+    if preset is None:
+        raise ConfigError(f"unknown --model-name {cfg.model.model_name!r}; choose from {', '.join(PRESETS)}")
+    for sec in SECTIONS:
+        obj = getattr(cfg, sec)
+        for f in fields(obj):
+            if getattr(obj, f.name) is None and (f.name in preset.train or f.name in FALLBACKS):
+                setattr(obj, f.name, preset.train.get(f.name, FALLBACKS.get(f.name)))
+    if cfg.optim.min_lr is None:
+        cfg.optim.min_lr = cfg.optim.learning_rate / 10
+    if cfg.model.architecture == "unified-ra" and cfg.model.ra_step is None:
+        cfg.model.ra_step = "V1"
+    if cfg.ablation.ablation_mode and cfg.ablation.ablation_steps is None:
+        cfg.ablation.ablation_steps = "V0,V1,V3"
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every value and combination; cheap (no model, no data). Raises :class:`ConfigError`."""
+    m, d, o, p, t, out = cfg.model, cfg.data, cfg.optim, cfg.pruning, cfg.train, cfg.output
+    _check(m.architecture in ARCHITECTURES, f"unknown --architecture {m.architecture!r}")
+    for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        v = getattr(m, name)
+        _check(v is None or v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
+    try:
+        cfg.gpt_config().validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check(0.0 <= m.dropout < 1.0, f"--dropout must be in [0, 1), got {m.dropout}")
+    _check(d.batch_size > 0, f"--batch-size must be positive, got {d.batch_size}")
+    _check(d.gradient_accumulation > 0, f"--gradient-accumulation must be positive, got {d.gradient_accumulation}")
+    _check(bool(d.dataset.strip()), "--dataset must not be empty")
+    if d.dataset not in KNOWN_DATASETS:
+        _check(
+            Path(d.dataset).exists(),
+            f"unknown --dataset {d.dataset!r}: use one of {', '.join(KNOWN_DATASETS)} "
+            "or the path of a text file or folder",
+        )
+    _check(o.optimizer in OPTIMIZERS, f"unknown --optimizer {o.optimizer!r}")
+    _check(o.learning_rate > 0, f"--learning-rate must be positive, got {o.learning_rate}")
+    _check(0 <= o.min_lr <= o.learning_rate, f"--min-lr must be in [0, learning rate], got {o.min_lr}")
+    _check(o.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {o.warmup_steps}")
+    _check(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
+    _check(o.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {o.grad_clip}")
+    _check(o.adamwprune_variant in BITTER_VARIANTS, f"unknown --adamwprune-variant {o.adamwprune_variant!r}")
+    _check(o.spam_interval >= 0 and o.spam_warmup_steps >= 0, "--spam-interval/--spam-warmup-steps must be >= 0")
+    _check(p.pruning_method in PRUNING_METHODS, f"unknown --pruning-method {p.pruning_method!r}")
+    _check(0.0 <= p.target_sparsity < 1.0, f"--target-sparsity must be in [0, 1), got {p.target_sparsity}")
+    _check(p.pruning_warmup >= 0, f"--pruning-warmup must be >= 0, got {p.pruning_warmup}")
+    _check(t.max_iters > 0, f"--max-iters must be positive, got {t.max_iters}")
+    _check(t.max_time >= 0, f"--max-time must be >= 0 seconds, got {t.max_time}")
+    _check(t.num_epochs is None or t.num_epochs > 0, f"--num-epochs must be positive, got {t.num_epochs}")
+    _check(
+        not (t.num_epochs is not None and "max_iters" in cfg.explicit),
+        "give --num-epochs or --max-iters, not both",
+    )
+    for name in ("log_interval", "eval_interval", "eval_samples"):
+        _check(getattr(t, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(t, name)}")
+    _check(out.checkpoint_interval > 0, f"--checkpoint-interval must be positive, got {out.checkpoint_interval}")
+    _check(out.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0, got {out.keep_checkpoints}")
+    _check(out.sample_tokens >= 0, f"--sample-tokens must be >= 0, got {out.sample_tokens}")
+    _check(t.dtype in DTYPES, f"unknown --dtype {t.dtype!r}")
+    _check(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith(("cuda", "mps")),
+        f"unknown --device {t.device!r}: use auto, cpu, cuda or cuda:N",
+    )
+    _check(
+        not (t.dtype == "float16" and t.device == "cpu"),
+        "--dtype float16 needs CUDA; use float32 or bfloat16 on CPU",
+    )
+    if out.resume not in (None, "auto"):
+        _check(Path(out.resume).is_file(), f"--resume: no checkpoint file at {out.resume}")
+
+    trackers = [x.strip() for x in cfg.track.tracker.split(",") if x.strip()]
+    for name in trackers:
+        _check(name in TRACKERS, f"unknown --tracker {name!r}: use none, wandb, trackio or a comma list")
+
+    # Architecture-specific flags must not be silently ignored.
+    if m.architecture == "vanilla":
+        _check(m.ra_step is None, "--ra-step needs --architecture unified-ra")
+    _check(
+        cfg.ablation.ablation_mode or cfg.ablation.ablation_steps is None,
+        "--ablation-steps needs --ablation-mode",
+    )
+    _check(
+        not (p.pruning_method == "state" and o.optimizer != "adamwprune"),
+        "--pruning-method state needs --optimizer adamwprune (it prunes from the optimizer's state)",
+    )
+    _check(
+        not (o.optimizer == "adamwprune" and p.pruning_method not in ("state", "none")),
+        "--optimizer adamwprune prunes by its own state: use --pruning-method state (or none)",
+    )
+
+    # Flags whose capability lands with a later issue: refuse rather than ignore.
+    todo = []
+    if m.architecture == "unified-ra" or m.ra_step is not None:
+        todo.append(("--architecture unified-ra", "unified-ra"))
+    if cfg.ablation.ablation_mode or cfg.ablation.list_steps:
+        todo.append(("--ablation-mode/--list-steps", "ablation"))
+    if o.optimizer in ("adamwspam", "adamwprune"):
+        todo.append((f"--optimizer {o.optimizer}", o.optimizer))
+    if p.pruning_method != "none":
+        todo.append((f"--pruning-method {p.pruning_method}", "pruning"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        todo.append(("multi-process training (torchrun)", "distributed"))
+    if todo:
+        what, key = todo[0]
+        raise ConfigError(f"{what} is not implemented yet (issue #{NOT_IMPLEMENTED_ISSUE[key]})")

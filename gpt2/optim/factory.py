@@ -1,0 +1,73 @@
+"""Build an optimizer by name with decay / no-decay parameter groups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpt2.config import OptimSection
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay >=2-D weights (Linear weights, the tied embedding); never biases, norms or gates.
+
+    Tied parameters appear once (``named_parameters`` de-duplicates them).
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _fused_ok(model: nn.Module) -> bool:
+    """Fused Adam kernels need every parameter on one floating-point CUDA/CPU device."""
+    devices = {p.device.type for p in model.parameters()}
+    return len(devices) == 1 and devices <= {"cuda", "cpu"}
+
+
+def _adamw(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+        fused=_fused_ok(model),
+    )
+
+
+def _adam(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+    # Plain Adam would couple decay into the gradient (L2); as in the reference it gets none.
+    return torch.optim.Adam(
+        param_groups(model, 0.0),
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+        fused=_fused_ok(model),
+    )
+
+
+def _sgd(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, momentum=0.9)
+
+
+OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSection], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "adam": _adam,
+    "sgd": _sgd,
+}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names, over ``model``'s trainable parameters."""
+    try:
+        builder = OPTIMIZER_BUILDERS[cfg.optimizer]
+    except KeyError:
+        raise ValueError(f"optimizer {cfg.optimizer!r} is not available; known: {sorted(OPTIMIZER_BUILDERS)}") from None
+    return builder(model, cfg)

@@ -1,0 +1,64 @@
+"""Named model presets as data: shapes for the model, and training defaults that suit them.
+
+A flag the user gives always wins over a preset's training default; a preset's default wins
+over the global one. ``why`` says where the numbers come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    why: str
+    train: dict[str, Any] = field(default_factory=dict)  # RunConfig field name -> default
+
+
+# GPT-2 recipe of the earlier system (reference section 1): block 1024, batch 8 x accum 8, lr 6e-4.
+_GPT2_TRAIN = dict(
+    block_size=1024,
+    batch_size=8,
+    gradient_accumulation=8,
+    learning_rate=6e-4,
+    min_lr=6e-5,
+    warmup_steps=200,
+    dropout=0.1,
+    eval_interval=100,
+    eval_samples=200,
+    log_interval=10,
+)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        4,
+        4,
+        128,
+        why=(
+            "CPU preset for the quickstart and tests. Short context and a high LR learn fastest "
+            "per second of wall time on 2 cores; no dropout (the model underfits anyway); "
+            "beta2 0.99 because runs are only a few hundred steps long."
+        ),
+        train=dict(
+            block_size=64,
+            batch_size=16,
+            gradient_accumulation=1,
+            learning_rate=2e-3,
+            min_lr=2e-4,
+            warmup_steps=50,
+            dropout=0.0,
+            beta2=0.99,
+            eval_interval=100,
+            eval_samples=16,
+            log_interval=10,
+        ),
+    ),
+    "gpt2": Preset(12, 12, 768, why="GPT-2 small (124M).", train=_GPT2_TRAIN),
+    "gpt2-medium": Preset(24, 16, 1024, why="GPT-2 medium (350M).", train=_GPT2_TRAIN),
+    "gpt2-large": Preset(36, 20, 1280, why="GPT-2 large (774M).", train=_GPT2_TRAIN),
+    "gpt2-xl": Preset(48, 25, 1600, why="GPT-2 XL (1.5B).", train=_GPT2_TRAIN),
+}

@@ -1,0 +1,1 @@
+"""What a run leaves behind: metrics.jsonl, results.json, tracker streams and reports."""

@@ -1,0 +1,1 @@
+"""The one training loop, its step, checkpoints and the extension point variants plug into."""

@@ -1,0 +1,48 @@
+"""The extension point: what an architecture or optimizer adds to the one training loop.
+
+An extension may change the model configuration before the model is built, act around
+the optimizer step, contribute metrics at evaluation, and keep state in checkpoints.
+The loop calls every registered extension in order; the default methods do nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpt2.model.config import GPTConfig
+
+
+class Extension:
+    """Base class; override only what the extension needs."""
+
+    name = "extension"
+
+    def model_config(self, config: GPTConfig) -> GPTConfig:
+        """Return the configuration to build (e.g. a V-step's attention variant)."""
+        return config
+
+    def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After backward, before clipping and the step (e.g. mask gradients)."""
+
+    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Right after the optimizer step (e.g. re-apply pruning masks)."""
+
+    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After step ``step`` (1-based count of completed steps) finished."""
+
+    def eval_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Extra metrics recorded with each evaluation (e.g. gate statistics)."""
+        return {}
+
+    def final_results(self, model: nn.Module) -> dict[str, Any]:
+        """Extra keys for results.json."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

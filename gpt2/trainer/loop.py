@@ -1,0 +1,433 @@
+"""The one training loop, for every architecture and optimizer.
+
+What differs between runs comes in through the config (model variant, optimizer) and
+through :class:`~gpt2.trainer.extension.Extension` objects; this file knows neither.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2.config import RunConfig
+from gpt2.errors import UserError
+from gpt2.model import GPT, GPTConfig
+from gpt2.optim import build_optimizer, lr_at
+from gpt2.runtime import autocast, configure_process, peak_memory_bytes, resolve_device, resolve_dtype
+from gpt2.track.metrics import MetricsLog, environment, write_json_atomic
+from gpt2.track.perf import mfu
+from gpt2.track.trackers import Trackers, default_project, default_run_name
+from gpt2.trainer import checkpoint
+from gpt2.trainer.extension import Extension
+from gpt2.trainer.step import TrainStep
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Builds model, optimizer and step from a :class:`RunConfig`, then trains with :meth:`fit`.
+
+    Construction is cheap enough for ``--dry-run`` (no data is touched); :meth:`fit` loads
+    the data, resumes if asked, trains, evaluates, checkpoints and writes the results.
+    """
+
+    def __init__(self, cfg: RunConfig, extensions: Sequence[Extension] = ()) -> None:
+        configure_process()
+        self.cfg = cfg
+        self.extensions = list(extensions)
+        self.device = resolve_device(cfg.train.device)
+        self.dtype = resolve_dtype(cfg.train.dtype, self.device)
+        self.out_dir = Path(cfg.output.output_dir)
+        self.log_to_console = not cfg.train.quiet
+
+        torch.manual_seed(cfg.train.seed)
+        gpt_config: GPTConfig = cfg.gpt_config()
+        for ext in self.extensions:
+            gpt_config = ext.model_config(gpt_config)
+        self.gpt_config = gpt_config
+        self.model = GPT(gpt_config).to(self.device)
+        self.n_params = self.model.num_params()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        forward_model = torch.compile(self.model) if cfg.model.compile else self.model
+        self.step_fn = TrainStep(
+            self.model,
+            self.optimizer,
+            device=self.device,
+            dtype=self.dtype,
+            accumulation=cfg.data.gradient_accumulation,
+            grad_clip=cfg.optim.grad_clip,
+            forward_model=forward_model,
+            extensions=self.extensions,
+        )
+        self.forward_model = forward_model
+        self.step = 0  # completed optimizer steps
+        self.best_val_loss = math.inf
+        self.train_time = 0.0  # seconds spent in fit(), summed over resumed segments
+        self.data: Any = None
+        self.max_iters = cfg.train.max_iters
+        self._stop_signal: int | None = None
+
+    # ----------------------------------------------------------------- helpers
+    def say(self, msg: str) -> None:
+        if self.log_to_console:
+            print(msg, flush=True)
+
+    def lr(self) -> float:
+        o, t = self.cfg.optim, self.cfg.train
+        progress = None
+        if t.max_time > 0 and o.decay_lr and self.step >= o.warmup_steps:
+            by_steps = (self.step - o.warmup_steps) / max(1, self.max_iters - o.warmup_steps)
+            progress = max(by_steps, self.train_time / t.max_time)
+        return lr_at(
+            self.step,
+            lr=o.learning_rate,
+            min_lr=o.min_lr,
+            warmup=o.warmup_steps,
+            horizon=self.max_iters,
+            decay=o.decay_lr,
+            progress=progress,
+        )
+
+    def dry_run(self) -> dict[str, Any]:
+        """One forward/backward/optimizer step on a small random batch; no dataset needed."""
+        T = min(32, self.gpt_config.block_size)
+        B = min(2, self.cfg.data.batch_size)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed)
+
+        def random_batch() -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.randint(0, self.gpt_config.vocab_size, (B, T + 1), generator=gen).to(self.device)
+            return x[:, :-1], x[:, 1:]
+
+        loss, _ = self.step_fn(random_batch, lr=self.cfg.optim.learning_rate)
+        loss_value = float(loss) * 1.0
+        if not math.isfinite(loss_value):
+            raise UserError(f"dry run produced a non-finite loss ({loss_value})")
+        return {"loss": loss_value, "n_params": self.n_params, "device": str(self.device), "dtype": str(self.dtype)}
+
+    # -------------------------------------------------------------- the run
+    def _setup_data(self) -> None:
+        from gpt2.data.loader import TokenBatches
+        from gpt2.data.prepare import ensure_prepared
+
+        c = self.cfg
+        data_dir = ensure_prepared(
+            c.data.dataset, c.data.data_dir, block_size=self.gpt_config.block_size, progress=not c.train.quiet
+        )
+        self.data = TokenBatches(
+            data_dir,
+            block_size=self.gpt_config.block_size,
+            batch_size=c.data.batch_size,
+            device=self.device,
+            seed=c.train.seed,
+        )
+        if c.train.num_epochs is not None:
+            self.max_iters = max(1, math.ceil(c.train.num_epochs * self.data.num_tokens("train") / c.tokens_per_step))
+
+    def _resume_path(self) -> Path | None:
+        r = self.cfg.output.resume
+        if r is None:
+            return None
+        if r == "auto":
+            last = self.out_dir / checkpoint.LAST
+            return last if last.exists() else None
+        return Path(r)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.step_fn.scaler.state_dict(),
+            "step": self.step,
+            "max_iters": self.max_iters,
+            "best_val_loss": self.best_val_loss,
+            "train_time": self.train_time,
+            "data": self.data.state_dict(),
+            "rng": _rng_state(self.device),
+            "extensions": {e.name: e.state_dict() for e in self.extensions},
+            "config": self.cfg.to_dict(),
+            "model_config": self.gpt_config.to_dict(),
+        }
+
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        saved = GPTConfig.from_dict(state.get("model_config", {}))
+        if saved != self.gpt_config:
+            raise UserError(
+                f"checkpoint {path} holds a different model ({saved}) than this run builds ({self.gpt_config})"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_fn.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.max_iters = int(state.get("max_iters", self.max_iters))
+        self.best_val_loss = float(state["best_val_loss"])
+        self.train_time = float(state["train_time"])
+        self.data.load_state_dict(state["data"])
+        _set_rng_state(state["rng"], self.device)
+        for e in self.extensions:
+            e.load_state_dict(state.get("extensions", {}).get(e.name, {}))
+
+    def save(self, best: bool = False) -> None:
+        """Write checkpoint_last.pt (and the best / numbered copies) atomically."""
+        state = self._state()
+        checkpoint.save_atomic(self.out_dir / checkpoint.LAST, state)
+        if best:
+            checkpoint.save_atomic(self.out_dir / checkpoint.BEST, state)
+        keep = self.cfg.output.keep_checkpoints
+        if keep > 0:
+            checkpoint.save_atomic(self.out_dir / checkpoint.step_name(self.step), state)
+            checkpoint.prune_numbered(self.out_dir, keep)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over fixed windows of each split, with its standard error across batches."""
+        self.model.eval()
+        out: dict[str, float] = {}
+        for split in ("train", "val"):
+            losses = []
+            for x, y in self.data.eval_batches(split, self.cfg.train.eval_samples):
+                with autocast(self.device, self.dtype):
+                    losses.append(self.forward_model(x, y).float())
+            t = torch.stack(losses)
+            out[f"{split}_loss"] = float(t.mean())
+            out[f"{split}_loss_se"] = float(t.std() / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+        self.model.train()
+        out["val_perplexity"] = math.exp(min(out["val_loss"], 20.0))
+        for ext in self.extensions:
+            out.update(ext.eval_metrics(self.model))
+        return out
+
+    def _install_signal_handlers(self) -> Any:
+        """SIGTERM/SIGINT: finish the current step, save a checkpoint, exit cleanly."""
+
+        def handler(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, handler)
+        return previous
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``--max-iters`` or ``--max-time``; returns the results dict (also written to disk)."""
+        c = self.cfg
+        start = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_data()
+        resume_path = self._resume_path()
+        if resume_path is not None:
+            self._restore(checkpoint.load(resume_path), resume_path)
+            self.say(f"resumed from {resume_path} at step {self.step}")
+        metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_from_step=self.step if resume_path else None)
+        trackers = Trackers(
+            [n.strip() for n in c.track.tracker.split(",") if n.strip()],
+            project=c.track.tracker_project or default_project(),
+            run_name=c.track.tracker_run_name or default_run_name(c.optim.optimizer),
+            config=c.to_dict(),
+            out_dir=self.out_dir,
+        )
+        tokens_per_step = c.tokens_per_step
+        self.say(
+            f"model {c.model.model_name} ({self.n_params / 1e6:.2f}M params) on {self.device} {self.dtype}; "
+            f"{tokens_per_step:,} tokens/step (batch {c.data.batch_size} x accumulation "
+            f"{c.data.gradient_accumulation} x block {self.gpt_config.block_size}); "
+            f"train {self.data.num_tokens('train'):,} / val {self.data.num_tokens('val'):,} tokens"
+        )
+        previous_handlers = self._install_signal_handlers()
+        bar = self._progress_bar()
+        last_eval: dict[str, float] = {}
+        stop_reason = "max_iters"
+        window_start, window_steps, window_time = time.perf_counter(), 0, 0.0
+        seg_start = time.perf_counter()
+        base_time = self.train_time
+        tokens_per_s = 0.0
+        loss_acc = torch.zeros((), device=self.device)
+        try:
+            if self.step == 0 and resume_path is None:
+                last_eval = self._evaluate_and_log(metrics, trackers, bar)
+            while self.step < self.max_iters:
+                self.train_time = base_time + time.perf_counter() - seg_start
+                if c.train.max_time > 0 and self.train_time >= c.train.max_time:
+                    stop_reason = "max_time"
+                    break
+                if self._stop_signal is not None:
+                    stop_reason = f"signal {signal.Signals(self._stop_signal).name}"
+                    break
+                lr = self.lr()
+                loss, grad_norm = self.step_fn(self.data.train_batch, lr)
+                loss_acc += loss
+                self.step += 1
+                window_steps += 1
+                for ext in self.extensions:
+                    ext.on_step_end(self.step, self.model, self.optimizer)
+                if bar is not None:
+                    bar.update(1)
+                if self.step % c.train.log_interval == 0 or self.step == self.max_iters:
+                    now = time.perf_counter()
+                    window_time += now - window_start
+                    train_loss = float(loss_acc) / window_steps  # the only host sync, once per log step
+                    if not math.isfinite(train_loss):
+                        raise UserError(
+                            f"training loss became {train_loss} at step {self.step}; lower --learning-rate "
+                            "or resume from the last checkpoint"
+                        )
+                    tokens_per_s = window_steps * tokens_per_step / window_time
+                    record = {
+                        "step": self.step,
+                        "tokens": self.step * tokens_per_step,
+                        "elapsed_s": base_time + now - seg_start,
+                        "train_loss": train_loss,
+                        "train_perplexity": math.exp(min(train_loss, 20.0)),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": tokens_per_s,
+                        "ms_per_step": 1000 * window_time / window_steps,
+                        "peak_memory_bytes": peak_memory_bytes(self.device),
+                    }
+                    m = mfu(tokens_per_s, self.gpt_config, self.n_params, self.device)
+                    if m is not None:
+                        record["mfu"] = m
+                    metrics.write(record)
+                    trackers.log({k: v for k, v in record.items() if v is not None}, step=self.step)
+                    self._log_line(bar, record)
+                    loss_acc.zero_()
+                    window_start, window_steps, window_time = time.perf_counter(), 0, 0.0
+                if self.step % c.train.eval_interval == 0:
+                    t0 = time.perf_counter()
+                    last_eval = self._evaluate_and_log(metrics, trackers, bar)
+                    window_start += time.perf_counter() - t0  # evaluation is not training throughput
+                if c.output.save_checkpoint and self.step % c.output.checkpoint_interval == 0:
+                    t0 = time.perf_counter()
+                    self.save(best=False)
+                    window_start += time.perf_counter() - t0
+        finally:
+            for s, h in previous_handlers.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+        self.train_time = base_time + time.perf_counter() - seg_start
+        if last_eval.get("step") != self.step:
+            last_eval = self._evaluate_and_log(metrics, trackers, None)
+        if c.output.save_checkpoint or self._stop_signal is not None:
+            self.save(best=False)
+        results = self._results(last_eval, tokens_per_s, stop_reason, time.perf_counter() - start)
+        write_json_atomic(self.out_dir / "results.json", results)
+        if c.output.json_output:
+            write_json_atomic(Path(c.output.json_output), results)
+        trackers.finish({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        self.say(
+            f"done ({stop_reason}): step {self.step}, val loss {results['final_val_loss']:.4f} "
+            f"(best {results['best_val_loss']:.4f}), {results['tokens_per_s']:,.0f} tokens/s, "
+            f"{results['wall_time_s']:.1f} s; results in {self.out_dir / 'results.json'}"
+        )
+        return results
+
+    def _evaluate_and_log(self, metrics: MetricsLog, trackers: Trackers, bar: Any) -> dict[str, float]:
+        ev = self.evaluate()
+        is_best = ev["val_loss"] < self.best_val_loss
+        if is_best:
+            self.best_val_loss = ev["val_loss"]
+        record = {
+            "step": self.step,
+            "tokens": self.step * self.cfg.tokens_per_step,
+            "elapsed_s": self.train_time,
+            **ev,
+            "best_val_loss": self.best_val_loss,
+        }
+        metrics.write(record)
+        trackers.log(record, step=self.step)
+        msg = (
+            f"eval step {self.step}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f} "
+            f"± {ev['val_loss_se']:.4f} (ppl {ev['val_perplexity']:.1f}){' *best*' if is_best else ''}"
+        )
+        self._write(bar, msg)
+        if is_best and self.cfg.output.save_checkpoint and self.step > 0:
+            checkpoint.save_atomic(self.out_dir / checkpoint.BEST, self._state())
+        return {**ev, "step": self.step}
+
+    def _results(self, ev: dict[str, float], tokens_per_s: float, stop_reason: str, wall: float) -> dict[str, Any]:
+        c = self.cfg
+        tokens_seen = self.step * c.tokens_per_step
+        results: dict[str, Any] = {
+            "final_train_loss": ev["train_loss"],
+            "final_val_loss": ev["val_loss"],
+            "final_val_loss_se": ev["val_loss_se"],
+            "best_val_loss": self.best_val_loss,
+            "final_val_perplexity": ev["val_perplexity"],
+            "iters": self.step,
+            "tokens_seen": tokens_seen,
+            "wall_time_s": self.train_time,
+            "tokens_per_s": tokens_seen / self.train_time if self.train_time > 0 else 0.0,
+            "last_window_tokens_per_s": tokens_per_s,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "n_params": self.n_params,
+            "stop_reason": stop_reason,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "process_time_s": wall,
+            "config": c.to_dict(),
+            "model_config": self.gpt_config.to_dict(),
+            **environment(),
+        }
+        for ext in self.extensions:
+            results.update(ext.final_results(self.model))
+        return results
+
+    # ------------------------------------------------------------ console
+    def _progress_bar(self) -> Any:
+        if not self.log_to_console or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.max_iters, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _write(self, bar: Any, msg: str) -> None:
+        if not self.log_to_console:
+            return
+        if bar is not None:
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def _log_line(self, bar: Any, r: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.set_postfix(loss=f"{r['train_loss']:.3f}", tok_s=f"{r['tokens_per_s']:,.0f}", refresh=False)
+            return
+        self._write(
+            None,
+            f"step {r['step']:6d}/{self.max_iters} | loss {r['train_loss']:.4f} | lr {r['lr']:.2e} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | {r['ms_per_step']:.1f} ms/step",
+        )
+
+    def sample(self, max_new_tokens: int, prompt: str = "", temperature: float = 0.8, top_k: int = 200) -> str:
+        """Generate text from the current model (starts after <|endoftext|> when no prompt is given)."""
+        from gpt2.data.tokenizer import EOT_TOKEN, get_encoding
+
+        enc = get_encoding()
+        ids = enc.encode_ordinary(prompt) if prompt else [EOT_TOKEN]
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        self.model.eval()
+        ctx = autocast(self.device, self.dtype) if self.device.type == "cuda" else nullcontext()
+        with ctx:
+            out = self.model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        self.model.train()
+        return enc.decode([t for t in out[0].tolist()[len(ids) :] if t < enc.n_vocab])

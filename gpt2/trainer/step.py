@@ -1,0 +1,81 @@
+"""One optimizer step: accumulate micro-batch gradients, clip, step. Shared by loop and bench."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from gpt2.runtime import autocast
+from gpt2.trainer.extension import Extension
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TrainStep:
+    """Runs one optimizer step over ``accumulation`` micro-batches.
+
+    The loss of each micro-batch is divided by ``accumulation`` before backward, so the
+    accumulated gradient equals that of one batch ``accumulation`` times larger (all
+    micro-batches have the same number of tokens). Nothing here reads a value back from
+    the device: the returned loss and gradient norm are tensors, read only when logged.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        accumulation: int,
+        grad_clip: float,
+        forward_model: nn.Module | None = None,
+        extensions: Sequence[Extension] = (),
+    ) -> None:
+        self.model = model
+        self.forward_model = forward_model if forward_model is not None else model
+        self.optimizer = optimizer
+        self.device = device
+        self.dtype = dtype
+        self.accumulation = accumulation
+        self.grad_clip = grad_clip
+        self.extensions = list(extensions)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def __call__(self, next_batch: Callable[[], Batch], lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the step at learning rate ``lr``; returns (mean micro-batch loss, pre-clip grad norm)."""
+        self.set_lr(lr)
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accumulation):
+            x, y = next_batch()
+            with self._sync_context(last=micro == self.accumulation - 1), autocast(self.device, self.dtype):
+                loss = self.forward_model(x, y) / self.accumulation
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        for ext in self.extensions:
+            ext.before_optimizer_step(self.model, self.optimizer)
+        grad_norm = None
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        for ext in self.extensions:
+            ext.after_optimizer_step(self.model, self.optimizer)
+        return total, grad_norm
+
+    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, all-reduce gradients only on the last micro-step."""
+        no_sync = getattr(self.forward_model, "no_sync", None)
+        if no_sync is None or last:
+            return contextlib.nullcontext()
+        return no_sync()
