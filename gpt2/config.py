@@ -316,11 +316,11 @@ def validate(cfg: RunConfig) -> None:
     for name in ("n_layer", "n_head", "n_embd", "block_size"):
         v = getattr(m, name)
         _check(v is None or v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
+    _check(0.0 <= m.dropout < 1.0, f"--dropout must be in [0, 1), got {m.dropout}")
     try:
         cfg.gpt_config().validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check(0.0 <= m.dropout < 1.0, f"--dropout must be in [0, 1), got {m.dropout}")
     _check(d.batch_size > 0, f"--batch-size must be positive, got {d.batch_size}")
     _check(d.gradient_accumulation > 0, f"--gradient-accumulation must be positive, got {d.gradient_accumulation}")
     _check(bool(d.dataset.strip()), "--dataset must not be empty")

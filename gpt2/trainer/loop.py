@@ -177,7 +177,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_fn.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.max_iters = int(state.get("max_iters", self.max_iters))
         self.best_val_loss = float(state["best_val_loss"])
         self.train_time = float(state["train_time"])
         self.data.load_state_dict(state["data"])

@@ -1,0 +1,86 @@
+"""Shared fixtures: a small local corpus and the flags of a fast tiny run."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+_WORDS = (
+    "the king queen lord lady sword crown castle night day love death war peace heart blood "
+    "speak hear see come go stay fly fight sleep dream wake rise fall old young fair foul"
+).split()
+
+
+def write_corpus(folder: Path, n_docs: int = 12, n_sentences: int = 120, seed: int = 0) -> Path:
+    """A folder of small text documents with learnable structure (a few templates, random words)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        lines = []
+        for _ in range(n_sentences):
+            a, b, c = rng.choice(_WORDS), rng.choice(_WORDS), rng.choice(_WORDS)
+            lines.append(rng.choice([f"The {a} shall {b} the {c}.", f"O {a}, thou {b} {c}!", f"My {a} is {b}."]))
+        (folder / f"doc{d:02d}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "texts")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def tiny_flags(corpus_dir: Path, data_dir: Path, tmp_path: Path) -> dict:
+    """Settings of a tiny CPU run on the local corpus, as RunConfig field values."""
+    return dict(
+        model_name="tiny",
+        n_layer=2,
+        block_size=32,
+        batch_size=4,
+        max_iters=8,
+        log_interval=2,
+        eval_interval=4,
+        eval_samples=2,
+        dataset=str(corpus_dir),
+        data_dir=str(data_dir),
+        output_dir=str(tmp_path / "out"),
+        device="cpu",
+        quiet=True,
+        sample_tokens=0,
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_env() -> None:
+    """Tests never reach the network; trackers stay local."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+
+_NEGATABLE = {"bias", "decay_lr", "ddp_find_unused_params"}
+
+
+def as_argv(flags: dict) -> list[str]:
+    """RunConfig field values -> command-line flags."""
+    argv = []
+    for k, v in flags.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif v is False:
+            if k in _NEGATABLE:
+                argv.append("--no-" + k.replace("_", "-"))
+        elif v is not None:
+            argv += [flag, str(v)]
+    return argv
