@@ -1,0 +1,160 @@
+"""Batches of token windows from a prepared dataset dir (``train.bin`` / ``val.bin``).
+
+Training windows are random (with replacement, as nanoGPT) from a generator of the loader's own, so data
+order is reproducible, differs per rank, survives a resume, and never shares RNG state with dropout.
+Evaluation windows are a fixed, evenly spaced set, so successive evaluations measure the same text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt2.data.prepare import DATASETS, DTYPE, SPLITS, prepare_command
+from gpt2.errors import UserError
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A 63-bit seed mixing (seed, rank): nearby seeds and ranks give unrelated streams."""
+    words = np.random.SeedSequence([seed, rank]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class TokenBatches:
+    """Batches of (x, y) windows from a prepared dataset dir (train.bin / val.bin memmaps, opened once).
+
+    ``x`` and ``y`` are int64 ``(batch_size, block_size)`` tensors on ``device``; ``y`` is ``x`` shifted by
+    one token. Each rank draws from its own stream seeded from ``(seed, rank)``.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        block_size: int,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"block_size and batch_size must be positive, got {block_size}, {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.data_dir = Path(data_dir)
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self._pin = self.device.type == "cuda"
+        self._data = {split: self._open(split) for split in SPLITS}
+        self._window = np.arange(block_size + 1, dtype=np.int64)  # offsets of one (x, y) window
+        self._generator = torch.Generator().manual_seed(_rank_seed(seed, rank))
+        self._batches_drawn = 0
+
+    def _open(self, split: str) -> np.memmap:
+        path = self.data_dir / f"{split}.bin"
+        if not path.is_file():
+            name = self.data_dir.name
+            cmd = (
+                prepare_command(name, self.data_dir.parent)
+                if name in DATASETS
+                else "python gpt2/prepare_data.py --dataset <name or path>"
+            )
+            raise UserError(f"{path} not found; prepare the dataset first: {cmd}")
+        size = path.stat().st_size
+        if size % DTYPE.itemsize:
+            raise UserError(f"{path} is corrupt: {size} bytes is not a whole number of uint16 tokens")
+        tokens = size // DTYPE.itemsize
+        if tokens <= self.block_size:
+            raise UserError(
+                f"{path} has {tokens} tokens, too few for block_size {self.block_size} "
+                f"(a window needs {self.block_size + 1})"
+            )
+        return np.memmap(path, dtype=DTYPE, mode="r")
+
+    def num_tokens(self, split: str) -> int:
+        """Tokens in ``split`` ('train' or 'val')."""
+        return len(self._split(split))
+
+    def num_eval_windows(self, split: str) -> int:
+        """Non-overlapping windows in ``split``: more evaluation windows than this re-read the same tokens."""
+        return (self.num_tokens(split) - 1) // self.block_size
+
+    def _split(self, split: str) -> np.memmap:
+        try:
+            return self._data[split]
+        except KeyError:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}") from None
+
+    def _windows(self, data: np.memmap, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # One vectorised gather (B, T+1) from the memmap; x and y are its two overlapping slices.
+        tokens = torch.from_numpy(data[starts[:, None] + self._window].astype(np.int64))
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        if not self._pin:
+            return x.contiguous().to(self.device), y.contiguous().to(self.device)
+        # Pinned (page-locked) host copies let the host-to-device copies run asynchronously.
+        pinned = [torch.empty(x.shape, dtype=torch.int64, pin_memory=True).copy_(t) for t in (x, y)]
+        return pinned[0].to(self.device, non_blocking=True), pinned[1].to(self.device, non_blocking=True)
+
+    def train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of random training windows: x, y int64 (batch_size, block_size) on the device."""
+        data = self._data["train"]
+        starts = torch.randint(
+            len(data) - self.block_size, (self.batch_size,), generator=self._generator, dtype=torch.int64
+        )
+        self._batches_drawn += 1
+        return self._windows(data, starts.numpy())
+
+    def eval_batches(self, split: str, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``num_batches`` batches of fixed windows of ``split``, identical at every call.
+
+        The ``num_batches * batch_size * world_size`` windows are spread evenly over the split (they overlap
+        only when that exceeds :meth:`num_eval_windows`); rank r takes every world_size-th, so ranks see
+        disjoint windows and all yield the same number of batches.
+        """
+        data = self._split(split)
+        count = num_batches * self.batch_size * self.world_size
+        if count <= 0:
+            return
+        last_start = len(data) - self.block_size - 1
+        # Integer spacing floor(i * last / (count - 1)): gaps >= block_size whenever count fits.
+        starts = np.arange(count, dtype=np.int64) * last_start // max(count - 1, 1)
+        mine = starts[self.rank :: self.world_size]
+        for i in range(num_batches):
+            yield self._windows(data, mine[i * self.batch_size : (i + 1) * self.batch_size])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training stream stands; only tensors, ints and str (``weights_only=True`` loads it)."""
+        return {
+            "generator": self._generator.get_state(),
+            "batches_drawn": self._batches_drawn,
+            "seed": self.seed,
+            "rank": self.rank,
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "format": "TokenBatches/1",
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the training stream exactly where ``state`` left it.
+
+        A state saved by another rank (checkpoints often hold rank 0's only) is replayed from this rank's
+        own seed for the same number of batches instead, so ranks never collapse onto one stream.
+        """
+        if state.get("seed", self.seed) != self.seed:
+            raise UserError(f"data state was saved with seed {state['seed']}, this run uses seed {self.seed}")
+        if state.get("rank", self.rank) == self.rank:
+            self._generator.set_state(state["generator"])
+        else:
+            self._generator.manual_seed(_rank_seed(self.seed, self.rank))
+            n = len(self._data["train"]) - self.block_size
+            for _ in range(int(state["batches_drawn"])):
+                torch.randint(n, (int(state["batch_size"]),), generator=self._generator, dtype=torch.int64)
+        self._batches_drawn = int(state["batches_drawn"])
