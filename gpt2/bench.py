@@ -25,9 +25,17 @@ if __package__ in (None, ""):  # run as `python gpt2/bench.py`
 # nanoGPT's figures below were measured, so the ratio compares the same work.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_name="tiny", block_size=64, batch_size=8, gradient_accumulation=1, dtype="float32"),
-    "gpt2-cpu": dict(model_name="gpt2", block_size=256, batch_size=4, gradient_accumulation=1, dtype="float32"),
-    "gpt2-gpu": dict(model_name="gpt2", block_size=1024, batch_size=16, gradient_accumulation=1, dtype="bfloat16",
-                     compile=True),
+    "gpt2-cpu": dict(
+        model_name="gpt2", block_size=256, batch_size=4, gradient_accumulation=1, dtype="float32"
+    ),
+    "gpt2-gpu": dict(
+        model_name="gpt2",
+        block_size=1024,
+        batch_size=16,
+        gradient_accumulation=1,
+        dtype="bfloat16",
+        compile=True,
+    ),
 }
 # nanoGPT (commit 3adf61e) on the same workload, as measured in the issues (ms per step).
 NANOGPT_MS = {"tiny": 308.0, "gpt2-cpu": 5850.0, "gpt2-gpu": 35.9}
@@ -43,7 +51,9 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def _worker(preset: str, case: str, steps: int, warmup: int, device: str, extra: dict[str, Any]) -> dict[str, Any]:
+def _worker(
+    preset: str, case: str, steps: int, warmup: int, device: str, extra: dict[str, Any]
+) -> dict[str, Any]:
     """Measure one case in this process; returns its figures."""
     import torch
 
@@ -51,6 +61,7 @@ def _worker(preset: str, case: str, steps: int, warmup: int, device: str, extra:
     from gpt2.errors import ConfigError
     from gpt2.runtime import peak_memory_bytes
     from gpt2.track.perf import mfu
+    from gpt2.trainer.extensions.pruning import optimizer_state_bytes
     from gpt2.trainer.loop import Trainer
     from gpt2.trainer.run import extensions_for
 
@@ -64,7 +75,9 @@ def _worker(preset: str, case: str, steps: int, warmup: int, device: str, extra:
     g = trainer.gpt_config
     gen = torch.Generator().manual_seed(0)
     batches = [
-        torch.randint(0, g.vocab_size, (cfg.data.batch_size, g.block_size + 1), generator=gen).to(trainer.device)
+        torch.randint(0, g.vocab_size, (cfg.data.batch_size, g.block_size + 1), generator=gen).to(
+            trainer.device
+        )
         for _ in range(4)
     ]
     i = 0
@@ -80,6 +93,16 @@ def _worker(preset: str, case: str, steps: int, warmup: int, device: str, extra:
         loss, _ = trainer.step_fn(next_batch, cfg.optim.learning_rate)
     sync()
     warmup_s = time.perf_counter() - t0
+    # Pruning cases are timed in their steady state, with the masks at the target sparsity; the
+    # one mask update that gets them there is timed on its own.
+    mask_update_ms = None
+    for ext in trainer.extensions:
+        schedule = getattr(ext, "schedule", None)
+        if schedule is not None:
+            t = time.perf_counter()
+            ext.on_step_end(schedule.ramp_end, trainer.model, trainer.optimizer)
+            sync()
+            mask_update_ms = 1000 * (time.perf_counter() - t)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -87,6 +110,22 @@ def _worker(preset: str, case: str, steps: int, warmup: int, device: str, extra:
         sync()
         times.append(time.perf_counter() - t)
     ms = 1000 * statistics.median(times)
+    # Then the optimizer step alone (synchronised around it, so in a separate phase).
+    optimizer_step, opt_times = trainer.optimizer.step, []
+
+    def timed_step(*args: Any, **kwargs: Any) -> Any:
+        sync()
+        t = time.perf_counter()
+        out = optimizer_step(*args, **kwargs)
+        sync()
+        opt_times.append(time.perf_counter() - t)
+        return out
+
+    trainer.optimizer.step = timed_step  # type: ignore[method-assign]
+    for _ in range(min(steps, 10)):
+        trainer.step_fn(next_batch, cfg.optim.learning_rate)
+    trainer.optimizer.step = optimizer_step  # type: ignore[method-assign]
+    n_all = sum(p.numel() for p in trainer.model.parameters())
     tokens = cfg.tokens_per_step
     tps = tokens / (ms / 1000)
     return {
@@ -97,6 +136,9 @@ def _worker(preset: str, case: str, steps: int, warmup: int, device: str, extra:
         "mfu": mfu(tps, g, trainer.n_params, trainer.device),
         "peak_memory_bytes": peak_memory_bytes(trainer.device),
         "warmup_s": warmup_s,
+        "optimizer_ms": 1000 * statistics.median(opt_times),
+        "optimizer_state_bytes_per_param": optimizer_state_bytes(trainer.optimizer) / n_all,
+        "mask_update_ms": mask_update_ms,
         "final_loss": float(loss),
         "n_params": trainer.n_params,
         "tokens_per_step": tokens,
@@ -112,19 +154,26 @@ def _table(preset: str, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"Preset `{preset}`: {json.dumps(PRESETS[preset])}",
         "",
-        "| case | ms/step | tokens/s | vs first | vs nanoGPT | MFU | peak memory | warm-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | ms/step | tokens/s | vs first | vs nanoGPT | MFU | peak memory | warm-up "
+        "| optimizer step | optimizer state | mask update |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['case']} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['case']} | skipped: {r['skipped']} | | | | | | | | | |")
             continue
+        upd = r.get("mask_update_ms")
+        extra = (
+            f" {r['optimizer_ms']:.2f} ms | {r['optimizer_state_bytes_per_param']:.2f} B/param | "
+            f"{'-' if upd is None else f'{upd:.1f} ms'} |"
+        )
         ratio = base["ms_per_step"] / r["ms_per_step"]
         vs_nano = NANOGPT_MS[preset] / r["ms_per_step"]
         m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         lines.append(
-            f"| {r['case']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.3f}x | {vs_nano:.2f}x | "
-            f"{m} | {r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s |"
+            f"| {r['case']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.3f}x | "
+            f"{vs_nano:.2f}x | {m} | {r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s |"
+            + extra
         )
     lines.append("")
     lines.append(f"nanoGPT reference for this workload: {NANOGPT_MS[preset]} ms/step (published figure).")
@@ -133,14 +182,27 @@ def _table(preset: str, rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=[*PRESETS, "auto"], default="auto",
-                   help="workload; auto = gpt2-gpu on CUDA, tiny on CPU")
+    p.add_argument(
+        "--preset",
+        choices=[*PRESETS, "auto"],
+        default="auto",
+        help="workload; auto = gpt2-gpu on CUDA, tiny on CPU",
+    )
     p.add_argument("--cases", default="vanilla", help=f"comma list of {', '.join(CASES)}, or 'all'")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CPU tiny, 5 gpt2-cpu, 50 GPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 10 with compile)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps (default 20 on CPU tiny, 5 gpt2-cpu, 50 GPU)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default 3; 10 with compile)"
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for every case, e.g. --set compile=true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every case, e.g. --set compile=true",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "bench"), help="folder for bench.json and bench.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -169,8 +231,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
     rows = []
     for case in cases:
-        cmd = [sys.executable, "-m", "gpt2.bench", "--preset", preset, "--worker", case, "--steps", str(steps),
-               "--warmup", str(warmup), "--device", args.device, *[a for s in args.set for a in ("--set", s)]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gpt2.bench",
+            "--preset",
+            preset,
+            "--worker",
+            case,
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--device",
+            args.device,
+            *[a for s in args.set for a in ("--set", s)],
+        ]
         root = Path(__file__).resolve().parent.parent
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -182,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"preset": preset, "steps": steps, "warmup": warmup,
-                                                "extra": extra, "rows": rows}, indent=2))
+    (out / "bench.json").write_text(
+        json.dumps(
+            {"preset": preset, "steps": steps, "warmup": warmup, "extra": extra, "rows": rows}, indent=2
+        )
+    )
     (out / "bench.md").write_text(table + "\n")
     return 0
 

@@ -54,7 +54,9 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             help_text = meta["help"] + ("" if default is not None else " [default: preset]")
             if kind is bool:
                 if default:
-                    group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+                    group.add_argument(
+                        *names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text
+                    )
                 else:
                     group.add_argument(*names, dest=f.name, action="store_true", help=help_text)
                 continue

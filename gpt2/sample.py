@@ -9,8 +9,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python gpt2/sample.py`
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 
 def generate_text(

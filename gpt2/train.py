@@ -13,7 +13,7 @@ if __package__ in (None, ""):
     # that `import gpt2` works and gpt2's sub-packages do not shadow top-level modules.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from gpt2.cli import main_guard, parse  # noqa: E402
+from gpt2.cli import main_guard, parse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,9 @@ def write_corpus(folder: Path, n_docs: int = 12, n_sentences: int = 120, seed: i
         lines = []
         for _ in range(n_sentences):
             a, b, c = rng.choice(_WORDS), rng.choice(_WORDS), rng.choice(_WORDS)
-            lines.append(rng.choice([f"The {a} shall {b} the {c}.", f"O {a}, thou {b} {c}!", f"My {a} is {b}."]))
+            lines.append(
+                rng.choice([f"The {a} shall {b} the {c}.", f"O {a}, thou {b} {c}!", f"My {a} is {b}."])
+            )
         (folder / f"doc{d:02d}.txt").write_text("\n".join(lines) + "\n")
     return folder
 

@@ -95,9 +95,24 @@ def test_presets_fill_unset_flags_and_flags_win() -> None:
 
 def test_every_field_has_a_flag_in_grouped_help() -> None:
     text = build_parser().format_help()
-    for flag in ("--model-name", "--eval-samples", "--learning-rate", "--no-bias", "--no-decay-lr",
-                 "--weight-decay", "--dry-run", "--resume", "--seed", "--grad-clip", "--dtype", "--quiet",
-                 "--spam-theta", "--adamwprune-variant", "--pruning-warmup", "--tracker-run-name"):
+    for flag in (
+        "--model-name",
+        "--eval-samples",
+        "--learning-rate",
+        "--no-bias",
+        "--no-decay-lr",
+        "--weight-decay",
+        "--dry-run",
+        "--resume",
+        "--seed",
+        "--grad-clip",
+        "--dtype",
+        "--quiet",
+        "--spam-theta",
+        "--adamwprune-variant",
+        "--pruning-warmup",
+        "--tracker-run-name",
+    ):
         assert flag in text, flag
     assert "Optimizer and learning rate:" in text and "Outputs and checkpoints:" in text
 
@@ -105,15 +120,29 @@ def test_every_field_has_a_flag_in_grouped_help() -> None:
 def test_help_is_fast_and_imports_no_torch() -> None:
     t = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.argv=['train.py','--help'];"
-         "import runpy; runpy.run_path('gpt2/train.py', run_name='__main__')"],
-        cwd=REPO, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.argv=['train.py','--help'];"
+            "import runpy; runpy.run_path('gpt2/train.py', run_name='__main__')",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     elapsed = time.perf_counter() - t
     assert out.returncode == 0 and "usage:" in out.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, gpt2.cli; gpt2.cli.build_parser(); print('torch' in sys.modules)"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, gpt2.cli; gpt2.cli.build_parser(); print('torch' in sys.modules)",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert probe.stdout.strip() == "False"
     assert elapsed < 10  # generous: the real figure (~0.1 s) is in the benchmark notes, not a timed test
@@ -121,7 +150,10 @@ def test_help_is_fast_and_imports_no_torch() -> None:
 
 def test_script_reports_bad_flag_as_one_line() -> None:
     out = subprocess.run(
-        [sys.executable, "gpt2/train.py", "--batch-size", "-3"], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "gpt2/train.py", "--batch-size", "-3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         check=False,
     )
     assert out.returncode == 2

@@ -55,8 +55,12 @@ def test_seed_command_passes_dry_run(command, tmp_path) -> None:
     if "--output-dir" not in argv:
         argv += ["--output-dir", str(tmp_path / "out")]
     out = subprocess.run(
-        [sys.executable, "gpt2/train.py", *argv], cwd=REPO, capture_output=True,
-        text=True, check=False, env={"WANDB_MODE": "offline", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        [sys.executable, "gpt2/train.py", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"WANDB_MODE": "offline", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     needs = _needs(argv)
     if needs:
@@ -70,11 +74,29 @@ def test_seed_command_passes_dry_run(command, tmp_path) -> None:
 def test_quickstart_short(corpus_dir, data_dir, tmp_path) -> None:
     """Train, evaluate, checkpoint, sample; loss falls; then the sample command reads the checkpoint."""
     out_dir = tmp_path / "run"
-    flags = dict(model_name="tiny", n_layer=2, block_size=32, batch_size=8, max_iters=60, eval_interval=30,
-                 eval_samples=4, dataset=str(corpus_dir), data_dir=str(data_dir), output_dir=str(out_dir),
-                 save_checkpoint=True, checkpoint_interval=30, sample_tokens=20, learning_rate=3e-3)
-    proc = subprocess.run([sys.executable, "gpt2/train.py", *as_argv(flags)], cwd=REPO, capture_output=True,
-                          text=True, check=False)
+    flags = dict(
+        model_name="tiny",
+        n_layer=2,
+        block_size=32,
+        batch_size=8,
+        max_iters=60,
+        eval_interval=30,
+        eval_samples=4,
+        dataset=str(corpus_dir),
+        data_dir=str(data_dir),
+        output_dir=str(out_dir),
+        save_checkpoint=True,
+        checkpoint_interval=30,
+        sample_tokens=20,
+        learning_rate=3e-3,
+    )
+    proc = subprocess.run(
+        [sys.executable, "gpt2/train.py", *as_argv(flags)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "---- sample ----" in proc.stdout and "Training complete!" in proc.stdout
     evals = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -83,8 +105,21 @@ def test_quickstart_short(corpus_dir, data_dir, tmp_path) -> None:
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 3.0  # from ~ln(50304)=10.8 to well below 8
     assert (out_dir / "checkpoint_last.pt").exists() and (out_dir / "checkpoint_best.pt").exists()
     sample = subprocess.run(
-        [sys.executable, "-m", "gpt2.sample", "--checkpoint", str(out_dir / "checkpoint_last.pt"),
-         "--max-new-tokens", "10", "--prompt", "The king"], cwd=REPO, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "gpt2.sample",
+            "--checkpoint",
+            str(out_dir / "checkpoint_last.pt"),
+            "--max-new-tokens",
+            "10",
+            "--prompt",
+            "The king",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("The king") and len(sample.stdout) > len("The king")

@@ -18,8 +18,9 @@ def lr_at(
     """LR for 0-based optimizer ``step``.
 
     As the reference: linear warmup ``lr * step / warmup`` (so step 0 runs at LR 0), then
-    cosine from ``lr`` at ``warmup`` down to ``min_lr`` at ``horizon``, and ``min_lr`` after. ``progress`` in [0, 1], when given,
-    overrides the step-based decay position (time-budgeted runs decay by elapsed time).
+    cosine from ``lr`` at ``warmup`` down to ``min_lr`` at ``horizon``, and ``min_lr`` after.
+    ``progress`` in [0, 1], when given, overrides the step-based decay position
+    (time-budgeted runs decay by elapsed time).
     """
     if step < warmup:
         return lr * step / warmup

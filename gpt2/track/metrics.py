@@ -86,7 +86,11 @@ def environment() -> dict[str, Any]:
         if commit:
             dirty = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root, capture_output=True, text=True, timeout=5, check=False,
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
             ).stdout.strip()
             commit += "-dirty" if dirty else ""
     except (OSError, subprocess.SubprocessError):

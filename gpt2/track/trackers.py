@@ -27,7 +27,9 @@ class _Backend:
 class Trackers:
     """Fan-out to the configured trackers; a no-op when none is configured."""
 
-    def __init__(self, names: list[str], *, project: str, run_name: str, config: dict[str, Any], out_dir: Path):
+    def __init__(
+        self, names: list[str], *, project: str, run_name: str, config: dict[str, Any], out_dir: Path
+    ):
         self.backends: list[_Backend] = []
         for name in names:
             if name == "none":

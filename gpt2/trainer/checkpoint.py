@@ -39,7 +39,9 @@ def save_atomic(path: Path, state: dict[str, Any]) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; the previous one is intact") from e
+        raise UserError(
+            f"could not write checkpoint {path}: {e.strerror or e}; the previous one is intact"
+        ) from e
     with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:

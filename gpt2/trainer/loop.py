@@ -121,7 +121,12 @@ class Trainer:
         loss_value = float(loss) * 1.0
         if not math.isfinite(loss_value):
             raise UserError(f"dry run produced a non-finite loss ({loss_value})")
-        return {"loss": loss_value, "n_params": self.n_params, "device": str(self.device), "dtype": str(self.dtype)}
+        return {
+            "loss": loss_value,
+            "n_params": self.n_params,
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+        }
 
     # -------------------------------------------------------------- the run
     def _setup_data(self) -> None:
@@ -140,7 +145,9 @@ class Trainer:
             seed=c.train.seed,
         )
         if c.train.num_epochs is not None:
-            self.max_iters = max(1, math.ceil(c.train.num_epochs * self.data.num_tokens("train") / c.tokens_per_step))
+            self.max_iters = max(
+                1, math.ceil(c.train.num_epochs * self.data.num_tokens("train") / c.tokens_per_step)
+            )
 
     def _resume_path(self) -> Path | None:
         r = self.cfg.output.resume
@@ -171,7 +178,8 @@ class Trainer:
         saved = GPTConfig.from_dict(state.get("model_config", {}))
         if saved != self.gpt_config:
             raise UserError(
-                f"checkpoint {path} holds a different model ({saved}) than this run builds ({self.gpt_config})"
+                f"checkpoint {path} holds a different model ({saved}) "
+                f"than this run builds ({self.gpt_config})"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -235,7 +243,9 @@ class Trainer:
         if resume_path is not None:
             self._restore(checkpoint.load(resume_path), resume_path)
             self.say(f"resumed from {resume_path} at step {self.step}")
-        metrics = MetricsLog(self.out_dir / "metrics.jsonl", resume_from_step=self.step if resume_path else None)
+        metrics = MetricsLog(
+            self.out_dir / "metrics.jsonl", resume_from_step=self.step if resume_path else None
+        )
         trackers = Trackers(
             [n.strip() for n in c.track.tracker.split(",") if n.strip()],
             project=c.track.tracker_project or default_project(),
@@ -362,7 +372,9 @@ class Trainer:
             checkpoint.save_atomic(self.out_dir / checkpoint.BEST, self._state())
         return {**ev, "step": self.step}
 
-    def _results(self, ev: dict[str, float], tokens_per_s: float, stop_reason: str, wall: float) -> dict[str, Any]:
+    def _results(
+        self, ev: dict[str, float], tokens_per_s: float, stop_reason: str, wall: float
+    ) -> dict[str, Any]:
         c = self.cfg
         tokens_seen = self.step * c.tokens_per_step
         results: dict[str, Any] = {

@@ -50,7 +50,9 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def __call__(self, next_batch: Callable[[], Batch], lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, next_batch: Callable[[], Batch], lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the step at learning rate ``lr``; returns (mean micro-batch loss, pre-clip grad norm)."""
         self.set_lr(lr)
         total = torch.zeros((), device=self.device)

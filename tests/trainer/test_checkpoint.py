@@ -53,7 +53,7 @@ def test_failed_write_reports_and_keeps_previous(tmp_path, monkeypatch) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", enospc)
-    with pytest.raises(UserError, match="No space left on device.*previous one is intact"):
+    with pytest.raises(UserError, match=r"No space left on device.*previous one is intact"):
         checkpoint.save_atomic(path, _state(2.0))
     monkeypatch.undo()
     assert checkpoint.load(path)["step"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,8 +35,13 @@ def _grads_for(accumulation: int, micro_batch: int, data: torch.Tensor) -> dict[
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cap = _GradCapture()
     step = TrainStep(
-        model, opt, device=torch.device("cpu"), dtype=torch.float32, accumulation=accumulation,
-        grad_clip=0.0, extensions=[cap],
+        model,
+        opt,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        accumulation=accumulation,
+        grad_clip=0.0,
+        extensions=[cap],
     )
     chunks = iter(data.split(micro_batch))
 
@@ -71,8 +77,16 @@ def _losses(metrics_path) -> dict[int, float]:
 
 def test_resume_reproduces_uninterrupted_run(tiny_flags, tmp_path) -> None:
     """Resuming from a mid-run checkpoint ends with the same losses and weights as not stopping."""
-    flags = dict(tiny_flags, dropout=0.1, max_iters=12, log_interval=1, eval_interval=4,
-                 save_checkpoint=True, checkpoint_interval=6, keep_checkpoints=2)
+    flags = dict(
+        tiny_flags,
+        dropout=0.1,
+        max_iters=12,
+        log_interval=1,
+        eval_interval=4,
+        save_checkpoint=True,
+        checkpoint_interval=6,
+        keep_checkpoints=2,
+    )
     full_dir = tmp_path / "full"
     train_once(resolve(dict(flags, output_dir=str(full_dir))))
     mid = full_dir / checkpoint.step_name(6)
@@ -98,7 +112,9 @@ def test_resume_auto_continues_in_place(tiny_flags) -> None:
     assert first["iters"] == 4
     second = train_once(resolve(dict(flags, max_iters=6, resume="auto")))
     assert second["iters"] == 6
-    steps = [json.loads(x)["step"] for x in open(flags["output_dir"] + "/metrics.jsonl")]
+    steps = [
+        json.loads(x)["step"] for x in Path(flags["output_dir"], "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps) and steps[-1] == 6
 
 
@@ -120,16 +136,28 @@ def test_outputs_and_results_keys(tiny_flags) -> None:
     """metrics.jsonl has a record per log step and per eval; results.json has the stable keys."""
     results = train_once(resolve(tiny_flags))
     out = tiny_flags["output_dir"]
-    stored = json.loads(open(out + "/results.json").read())
-    for key in ("final_train_loss", "final_val_loss", "best_val_loss", "final_val_perplexity", "iters",
-                "tokens_seen", "wall_time_s", "tokens_per_s", "peak_memory_bytes", "n_params", "config",
-                "versions", "git_commit"):
+    stored = json.loads(Path(out, "results.json").read_text())
+    for key in (
+        "final_train_loss",
+        "final_val_loss",
+        "best_val_loss",
+        "final_val_perplexity",
+        "iters",
+        "tokens_seen",
+        "wall_time_s",
+        "tokens_per_s",
+        "peak_memory_bytes",
+        "n_params",
+        "config",
+        "versions",
+        "git_commit",
+    ):
         assert key in stored, key
     assert stored["iters"] == 8 and stored["tokens_seen"] == 8 * 4 * 32
     assert math.isclose(stored["final_val_perplexity"], math.exp(stored["final_val_loss"]), rel_tol=1e-6)
     assert stored["best_val_loss"] <= stored["final_val_loss"]
     assert results["final_val_loss"] == stored["final_val_loss"]
-    records = [json.loads(x) for x in open(out + "/metrics.jsonl")]
+    records = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if "train_loss" in r and "val_loss" not in r]
     eval_steps = [r["step"] for r in records if "val_loss" in r]
     assert train_steps == [2, 4, 6, 8]
@@ -168,8 +196,15 @@ def test_num_epochs_sets_iterations(tiny_flags) -> None:
 
 
 def test_dry_run_needs_no_data(tmp_path) -> None:
-    cfg = resolve(dict(model_name="tiny", dry_run=True, device="cpu", dataset="finewebedu",
-                       data_dir=str(tmp_path / "nothing")))
+    cfg = resolve(
+        dict(
+            model_name="tiny",
+            dry_run=True,
+            device="cpu",
+            dataset="finewebedu",
+            data_dir=str(tmp_path / "nothing"),
+        )
+    )
     info = Trainer(cfg).dry_run()
     assert math.isfinite(info["loss"]) and info["n_params"] > 0
     assert not (tmp_path / "nothing").exists()
