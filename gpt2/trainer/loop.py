@@ -25,7 +25,7 @@ from gpt2.runtime import autocast, configure_process, peak_memory_bytes, resolve
 from gpt2.track.metrics import MetricsLog, environment, write_json_atomic
 from gpt2.track.perf import mfu
 from gpt2.track.trackers import Trackers, default_project, default_run_name
-from gpt2.trainer import checkpoint
+from gpt2.trainer import checkpoint, distributed
 from gpt2.trainer.extension import Extension
 from gpt2.trainer.step import TrainStep
 
@@ -43,6 +43,13 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class _NullLog:
+    """Stands in for the metrics file on ranks other than 0."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
 class Trainer:
     """Builds model, optimizer and step from a :class:`RunConfig`, then trains with :meth:`fit`.
 
@@ -54,20 +61,32 @@ class Trainer:
         configure_process()
         self.cfg = cfg
         self.extensions = list(extensions)
-        self.device = resolve_device(cfg.train.device)
+        self.dist = distributed.from_env()
+        self.device = distributed.init(self.dist, resolve_device(cfg.train.device))
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.out_dir = Path(cfg.output.output_dir)
-        self.log_to_console = not cfg.train.quiet
+        self.log_to_console = not cfg.train.quiet and self.dist.is_main
 
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         gpt_config: GPTConfig = cfg.gpt_config()
         for ext in self.extensions:
             gpt_config = ext.model_config(gpt_config)
         self.gpt_config = gpt_config
         self.model = GPT(gpt_config).to(self.device)
+        if self.dist.enabled:
+            torch.manual_seed(cfg.train.seed + self.dist.rank)  # but each rank its own dropout
         self.n_params = self.model.num_params()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        forward_model = torch.compile(self.model) if cfg.model.compile else self.model
+        self.eval_model = torch.compile(self.model) if cfg.model.compile else self.model
+        forward_model = self.eval_model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward_model = DistributedDataParallel(
+                forward_model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.dist.ddp_find_unused_params,
+            )
         self.step_fn = TrainStep(
             self.model,
             self.optimizer,
@@ -79,6 +98,7 @@ class Trainer:
             extensions=self.extensions,
         )
         self.forward_model = forward_model
+        self.tokens_per_step = cfg.tokens_per_step * self.dist.world_size  # global, all ranks
         self.step = 0  # completed optimizer steps
         self.best_val_loss = math.inf
         self.train_time = 0.0  # seconds spent in fit(), summed over resumed segments
@@ -143,10 +163,12 @@ class Trainer:
             batch_size=c.data.batch_size,
             device=self.device,
             seed=c.train.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         if c.train.num_epochs is not None:
             self.max_iters = max(
-                1, math.ceil(c.train.num_epochs * self.data.num_tokens("train") / c.tokens_per_step)
+                1, math.ceil(c.train.num_epochs * self.data.num_tokens("train") / self.tokens_per_step)
             )
 
     def _resume_path(self) -> Path | None:
@@ -193,7 +215,9 @@ class Trainer:
             e.load_state_dict(state.get("extensions", {}).get(e.name, {}))
 
     def save(self, best: bool = False) -> None:
-        """Write checkpoint_last.pt (and the best / numbered copies) atomically."""
+        """Write checkpoint_last.pt (and the best / numbered copies) atomically; rank 0 only."""
+        if not self.dist.is_main:
+            return
         state = self._state()
         checkpoint.save_atomic(self.out_dir / checkpoint.LAST, state)
         if best:
@@ -212,10 +236,16 @@ class Trainer:
             losses = []
             for x, y in self.data.eval_batches(split, self.cfg.train.eval_samples):
                 with autocast(self.device, self.dtype):
-                    losses.append(self.forward_model(x, y).float())
+                    losses.append(self.eval_model(x, y).float())
             t = torch.stack(losses)
-            out[f"{split}_loss"] = float(t.mean())
-            out[f"{split}_loss_se"] = float(t.std() / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+            # sum, sum of squares and count over every rank's share of the fixed windows
+            count = torch.tensor(float(len(losses)), device=t.device)
+            moments = distributed.all_reduce_mean(torch.stack([t.sum(), (t * t).sum(), count]), self.dist)
+            total, total_sq, n = (float(v) for v in moments * self.dist.world_size)
+            mean = total / n
+            var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+            out[f"{split}_loss"] = mean
+            out[f"{split}_loss_se"] = math.sqrt(var / n)
         self.model.train()
         out["val_perplexity"] = math.exp(min(out["val_loss"], 20.0))
         for ext in self.extensions:
@@ -243,21 +273,24 @@ class Trainer:
         if resume_path is not None:
             self._restore(checkpoint.load(resume_path), resume_path)
             self.say(f"resumed from {resume_path} at step {self.step}")
-        metrics = MetricsLog(
-            self.out_dir / "metrics.jsonl", resume_from_step=self.step if resume_path else None
-        )
+        metrics: MetricsLog | _NullLog = _NullLog()
+        if self.dist.is_main:
+            metrics = MetricsLog(
+                self.out_dir / "metrics.jsonl", resume_from_step=self.step if resume_path else None
+            )
         trackers = Trackers(
-            [n.strip() for n in c.track.tracker.split(",") if n.strip()],
+            [n.strip() for n in c.track.tracker.split(",") if n.strip()] if self.dist.is_main else [],
             project=c.track.tracker_project or default_project(),
             run_name=c.track.tracker_run_name or default_run_name(c.optim.optimizer),
             config=c.to_dict(),
             out_dir=self.out_dir,
         )
-        tokens_per_step = c.tokens_per_step
+        tokens_per_step = self.tokens_per_step
+        ranks = f" x {self.dist.world_size} ranks" if self.dist.enabled else ""
         self.say(
             f"model {c.model.model_name} ({self.n_params / 1e6:.2f}M params) on {self.device} {self.dtype}; "
             f"{tokens_per_step:,} tokens/step (batch {c.data.batch_size} x accumulation "
-            f"{c.data.gradient_accumulation} x block {self.gpt_config.block_size}); "
+            f"{c.data.gradient_accumulation}{ranks} x block {self.gpt_config.block_size}); "
             f"train {self.data.num_tokens('train'):,} / val {self.data.num_tokens('val'):,} tokens"
         )
         previous_handlers = self._install_signal_handlers()
@@ -274,12 +307,17 @@ class Trainer:
                 last_eval = self._evaluate_and_log(metrics, trackers, bar)
             while self.step < self.max_iters:
                 self.train_time = base_time + time.perf_counter() - seg_start
-                if c.train.max_time > 0 and self.train_time >= c.train.max_time:
-                    stop_reason = "max_time"
-                    break
-                if self._stop_signal is not None:
-                    stop_reason = f"signal {signal.Signals(self._stop_signal).name}"
-                    break
+                # Ranks must agree to stop, which costs a collective: they check at log steps.
+                if not self.dist.enabled or self.step % c.train.log_interval == 0:
+                    out_of_time = c.train.max_time > 0 and self.train_time >= c.train.max_time
+                    signalled = self._stop_signal is not None
+                    if distributed.any_rank(out_of_time or signalled, self.dist, self.device):
+                        stop_reason = (
+                            "max_time"
+                            if not signalled
+                            else f"signal {signal.Signals(self._stop_signal).name}"
+                        )
+                        break
                 lr = self.lr()
                 loss, grad_norm = self.step_fn(self.data.train_batch, lr)
                 loss_acc += loss
@@ -292,7 +330,8 @@ class Trainer:
                 if self.step % c.train.log_interval == 0 or self.step == self.max_iters:
                     now = time.perf_counter()
                     window_time += now - window_start
-                    train_loss = float(loss_acc) / window_steps  # the only host sync, once per log step
+                    # the loop's only host sync, once per log step
+                    train_loss = float(distributed.all_reduce_mean(loss_acc, self.dist)) / window_steps
                     if not math.isfinite(train_loss):
                         raise UserError(
                             f"training loss became {train_loss} at step {self.step}; lower --learning-rate "
@@ -338,9 +377,10 @@ class Trainer:
         if c.output.save_checkpoint or self._stop_signal is not None:
             self.save(best=False)
         results = self._results(last_eval, tokens_per_s, stop_reason, time.perf_counter() - start)
-        write_json_atomic(self.out_dir / "results.json", results)
-        if c.output.json_output:
-            write_json_atomic(Path(c.output.json_output), results)
+        if self.dist.is_main:
+            write_json_atomic(self.out_dir / "results.json", results)
+            if c.output.json_output:
+                write_json_atomic(Path(c.output.json_output), results)
         trackers.finish({k: v for k, v in results.items() if isinstance(v, (int, float))})
         self.say(
             f"done ({stop_reason}): step {self.step}, val loss {results['final_val_loss']:.4f} "
@@ -356,7 +396,7 @@ class Trainer:
             self.best_val_loss = ev["val_loss"]
         record = {
             "step": self.step,
-            "tokens": self.step * self.cfg.tokens_per_step,
+            "tokens": self.step * self.tokens_per_step,
             "elapsed_s": self.train_time,
             **ev,
             "best_val_loss": self.best_val_loss,
@@ -368,7 +408,7 @@ class Trainer:
             f"± {ev['val_loss_se']:.4f} (ppl {ev['val_perplexity']:.1f}){' *best*' if is_best else ''}"
         )
         self._write(bar, msg)
-        if is_best and self.cfg.output.save_checkpoint and self.step > 0:
+        if is_best and self.cfg.output.save_checkpoint and self.step > 0 and self.dist.is_main:
             checkpoint.save_atomic(self.out_dir / checkpoint.BEST, self._state())
         return {**ev, "step": self.step}
 
@@ -376,7 +416,7 @@ class Trainer:
         self, ev: dict[str, float], tokens_per_s: float, stop_reason: str, wall: float
     ) -> dict[str, Any]:
         c = self.cfg
-        tokens_seen = self.step * c.tokens_per_step
+        tokens_seen = self.step * self.tokens_per_step
         results: dict[str, Any] = {
             "final_train_loss": ev["train_loss"],
             "final_val_loss": ev["val_loss"],
@@ -393,6 +433,7 @@ class Trainer:
             "stop_reason": stop_reason,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "world_size": self.dist.world_size,
             "process_time_s": wall,
             "config": c.to_dict(),
             "model_config": self.gpt_config.to_dict(),

@@ -50,12 +50,17 @@ def run(cfg: RunConfig) -> int:
 
         print(format_steps_table())
         return 0
-    if cfg.ablation.ablation_mode:
-        from gpt2.trainer.ablation import run_ablation
+    from gpt2.trainer import distributed
 
-        run_ablation(cfg)
-    else:
-        train_once(cfg)
-    if not cfg.train.dry_run:
+    try:
+        if cfg.ablation.ablation_mode:
+            from gpt2.trainer.ablation import run_ablation
+
+            run_ablation(cfg)
+        else:
+            train_once(cfg)
+    finally:
+        distributed.shutdown()
+    if not cfg.train.dry_run and distributed.from_env().is_main:
         print("Training complete!")
     return 0
