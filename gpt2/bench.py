@@ -90,7 +90,7 @@ def _worker(
 
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        loss, _ = trainer.step_fn(next_batch, cfg.optim.learning_rate)
+        loss = trainer.step_fn(next_batch, cfg.optim.learning_rate).loss
     sync()
     warmup_s = time.perf_counter() - t0
     # Pruning cases are timed in their steady state, with the masks at the target sparsity; the
@@ -106,7 +106,7 @@ def _worker(
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        loss, _ = trainer.step_fn(next_batch, cfg.optim.learning_rate)
+        loss = trainer.step_fn(next_batch, cfg.optim.learning_rate).loss
         sync()
         times.append(time.perf_counter() - t)
     ms = 1000 * statistics.median(times)

@@ -7,6 +7,7 @@ through :class:`~gpt2.trainer.extension.Extension` objects; this file knows neit
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -43,6 +44,9 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+MAX_RESTARTS = 3  # self-healing restarts before a run gives up
+
+
 class _NullLog:
     """Stands in for the metrics file on ranks other than 0."""
 
@@ -67,6 +71,11 @@ class Trainer:
         self.out_dir = Path(cfg.output.output_dir)
         self.log_to_console = not cfg.train.quiet and self.dist.is_main
 
+        if cfg.train.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; set before the first matmul.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         gpt_config: GPTConfig = cfg.gpt_config()
         for ext in self.extensions:
@@ -102,6 +111,10 @@ class Trainer:
         self.step = 0  # completed optimizer steps
         self.best_val_loss = math.inf
         self.train_time = 0.0  # seconds spent in fit(), summed over resumed segments
+        self.lr_scale = 1.0  # halved at each self-healing restart after non-finite steps
+        self.consecutive_bad = 0
+        self.bad_steps = 0  # non-finite steps skipped, over the whole run
+        self.restarts = 0
         self.data: Any = None
         self.max_iters = cfg.train.max_iters
         self._stop_signal: int | None = None
@@ -117,7 +130,7 @@ class Trainer:
         if t.max_time > 0 and o.decay_lr and self.step >= o.warmup_steps:
             by_steps = (self.step - o.warmup_steps) / max(1, self.max_iters - o.warmup_steps)
             progress = max(by_steps, self.train_time / t.max_time)
-        return lr_at(
+        return self.lr_scale * lr_at(
             self.step,
             lr=o.learning_rate,
             min_lr=o.min_lr,
@@ -137,7 +150,7 @@ class Trainer:
             x = torch.randint(0, self.gpt_config.vocab_size, (B, T + 1), generator=gen).to(self.device)
             return x[:, :-1], x[:, 1:]
 
-        loss, _ = self.step_fn(random_batch, lr=self.cfg.optim.learning_rate)
+        loss = self.step_fn(random_batch, lr=self.cfg.optim.learning_rate).loss
         loss_value = float(loss) * 1.0
         if not math.isfinite(loss_value):
             raise UserError(f"dry run produced a non-finite loss ({loss_value})")
@@ -189,6 +202,7 @@ class Trainer:
             "max_iters": self.max_iters,
             "best_val_loss": self.best_val_loss,
             "train_time": self.train_time,
+            "lr_scale": self.lr_scale,
             "data": self.data.state_dict(),
             "rng": _rng_state(self.device),
             "extensions": {e.name: e.state_dict() for e in self.extensions},
@@ -209,6 +223,7 @@ class Trainer:
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
         self.train_time = float(state["train_time"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
         self.data.load_state_dict(state["data"])
         _set_rng_state(state["rng"], self.device)
         for e in self.extensions:
@@ -297,7 +312,7 @@ class Trainer:
         bar = self._progress_bar()
         last_eval: dict[str, float] = {}
         stop_reason = "max_iters"
-        window_start, window_steps, window_time = time.perf_counter(), 0, 0.0
+        window_start, window_steps, window_good, window_time = time.perf_counter(), 0, 0, 0.0
         seg_start = time.perf_counter()
         base_time = self.train_time
         tokens_per_s = 0.0
@@ -319,10 +334,16 @@ class Trainer:
                         )
                         break
                 lr = self.lr()
-                loss, grad_norm = self.step_fn(self.data.train_batch, lr)
-                loss_acc += loss
+                out = self.step_fn(self.data.train_batch, lr)
+                grad_norm = out.grad_norm
                 self.step += 1
                 window_steps += 1
+                if out.applied:
+                    loss_acc += out.loss
+                    window_good += 1
+                    self.consecutive_bad = 0
+                else:
+                    self._bad_step(metrics, bar)  # its loss is not averaged in
                 for ext in self.extensions:
                     ext.on_step_end(self.step, self.model, self.optimizer)
                 if bar is not None:
@@ -330,13 +351,9 @@ class Trainer:
                 if self.step % c.train.log_interval == 0 or self.step == self.max_iters:
                     now = time.perf_counter()
                     window_time += now - window_start
-                    # the loop's only host sync, once per log step
-                    train_loss = float(distributed.all_reduce_mean(loss_acc, self.dist)) / window_steps
-                    if not math.isfinite(train_loss):
-                        raise UserError(
-                            f"training loss became {train_loss} at step {self.step}; lower --learning-rate "
-                            "or resume from the last checkpoint"
-                        )
+                    # the loop's only host sync besides the finite check, once per log step
+                    loss_sum = float(distributed.all_reduce_mean(loss_acc, self.dist))
+                    train_loss = loss_sum / window_good if window_good else math.nan
                     tokens_per_s = window_steps * tokens_per_step / window_time
                     record = {
                         "step": self.step,
@@ -357,7 +374,7 @@ class Trainer:
                     trackers.log({k: v for k, v in record.items() if v is not None}, step=self.step)
                     self._log_line(bar, record)
                     loss_acc.zero_()
-                    window_start, window_steps, window_time = time.perf_counter(), 0, 0.0
+                    window_start, window_steps, window_good, window_time = time.perf_counter(), 0, 0, 0.0
                 if self.step % c.train.eval_interval == 0:
                     t0 = time.perf_counter()
                     last_eval = self._evaluate_and_log(metrics, trackers, bar)
@@ -388,6 +405,33 @@ class Trainer:
             f"{results['wall_time_s']:.1f} s; results in {self.out_dir / 'results.json'}"
         )
         return results
+
+    def _bad_step(self, metrics: Any, bar: Any) -> None:
+        """A skipped non-finite step; after too many in a row, go back to the last checkpoint."""
+        self.bad_steps += 1
+        self.consecutive_bad += 1
+        metrics.write(
+            {"step": self.step, "event": "nonfinite_step_skipped", "consecutive": self.consecutive_bad}
+        )
+        self._write(
+            bar, f"step {self.step}: non-finite gradient, step skipped ({self.consecutive_bad} in a row)"
+        )
+        if self.consecutive_bad < self.cfg.train.max_bad_steps:
+            return
+        last = self.out_dir / checkpoint.LAST
+        if self.restarts >= MAX_RESTARTS or not last.exists():
+            why = "no checkpoint to go back to" if not last.exists() else f"{self.restarts} restarts already"
+            raise UserError(
+                f"{self.consecutive_bad} consecutive non-finite steps at step {self.step} and {why}; "
+                "lower --learning-rate (and use --save-checkpoint so the run can heal itself)"
+            )
+        scale = self.lr_scale * 0.5
+        bad_step = self.step
+        self._restore(checkpoint.load(last), last)
+        self.lr_scale, self.consecutive_bad = scale, 0
+        self.restarts += 1
+        metrics.write({"step": self.step, "event": "restart", "from_step": bad_step, "lr_scale": scale})
+        self._write(bar, f"restarted from {last} at step {self.step} with the LR scaled by {scale:g}")
 
     def _evaluate_and_log(self, metrics: MetricsLog, trackers: Trackers, bar: Any) -> dict[str, float]:
         ev = self.evaluate()
@@ -431,6 +475,9 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "n_params": self.n_params,
             "stop_reason": stop_reason,
+            "bad_steps": self.bad_steps,
+            "restarts": self.restarts,
+            "lr_scale": self.lr_scale,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "world_size": self.dist.world_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -12,6 +13,12 @@ from gpt2.runtime import autocast
 from gpt2.trainer.extension import Extension
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor  # mean micro-batch loss (on the device; read it only when logging)
+    grad_norm: torch.Tensor  # global gradient norm before clipping
+    applied: bool  # False when the step was skipped for a non-finite gradient
 
 
 class TrainStep:
@@ -34,6 +41,7 @@ class TrainStep:
         grad_clip: float,
         forward_model: nn.Module | None = None,
         extensions: Sequence[Extension] = (),
+        skip_nonfinite: bool = True,
     ) -> None:
         self.model = model
         self.forward_model = forward_model if forward_model is not None else model
@@ -43,6 +51,7 @@ class TrainStep:
         self.accumulation = accumulation
         self.grad_clip = grad_clip
         self.extensions = list(extensions)
+        self.skip_nonfinite = skip_nonfinite
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self._params = [p for p in model.parameters() if p.requires_grad]
 
@@ -50,10 +59,13 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def __call__(
-        self, next_batch: Callable[[], Batch], lr: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the step at learning rate ``lr``; returns (mean micro-batch loss, pre-clip grad norm)."""
+    def __call__(self, next_batch: Callable[[], Batch], lr: float) -> StepOutput:
+        """Run the step at learning rate ``lr``.
+
+        A non-finite gradient norm skips the optimizer step (weights and optimizer state stay
+        as they were). Checking it is the step's one host read; with fp16 the gradient
+        scaler makes that decision itself, as usual.
+        """
         self.set_lr(lr)
         total = torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
@@ -64,16 +76,20 @@ class TrainStep:
             total += loss.detach()
         for ext in self.extensions:
             ext.before_optimizer_step(self.model, self.optimizer)
-        grad_norm = None
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self.skip_nonfinite and not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutput(total, grad_norm, False)
         if self.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, grad_norm, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         for ext in self.extensions:
             ext.after_optimizer_step(self.model, self.optimizer)
-        return total, grad_norm
+        return StepOutput(total, grad_norm, True)
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
         """Under DDP, all-reduce gradients only on the last micro-step."""
