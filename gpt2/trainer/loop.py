@@ -85,10 +85,17 @@ class Trainer:
         if self.dist.enabled:
             torch.manual_seed(cfg.train.seed + self.dist.rank)  # but each rank its own dropout
         self.n_params = self.model.num_params()
+        self.fsdp = self.dist.enabled and cfg.dist.parallel == "fsdp"
+        if self.fsdp:  # shard each block, then the rest (embeddings, tied head, final norm)
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.transformer.h:
+                fully_shard(block)
+            fully_shard(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.eval_model = torch.compile(self.model) if cfg.model.compile else self.model
         forward_model = self.eval_model
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             forward_model = DistributedDataParallel(
@@ -194,9 +201,25 @@ class Trainer:
         return Path(r)
 
     def _state(self) -> dict[str, Any]:
+        """Everything a resume needs. Under FSDP a collective: every rank must call it."""
+        if self.fsdp:
+            # Full (unsharded) tensors gathered to rank 0's CPU, optimizer state keyed by parameter
+            # name: the file loads at any world size, and into a single process.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state, optim_state = get_state_dict(self.model, self.optimizer, options=opts)
+            optim_format = "by_name"
+        else:
+            model_state, optim_state, optim_format = (
+                self.model.state_dict(),
+                self.optimizer.state_dict(),
+                "by_id",
+            )
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
+            "optimizer_format": optim_format,
             "scaler": self.step_fn.scaler.state_dict(),
             "step": self.step,
             "max_iters": self.max_iters,
@@ -217,8 +240,21 @@ class Trainer:
                 f"checkpoint {path} holds a different model ({saved}) "
                 f"than this run builds ({self.gpt_config})"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer_format") == "by_name":  # written under FSDP; loads sharded or not
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        elif self.fsdp:
+            raise UserError(f"{path} was written without FSDP; resume it with --parallel ddp")
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step_fn.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
@@ -229,14 +265,21 @@ class Trainer:
         for e in self.extensions:
             e.load_state_dict(state.get("extensions", {}).get(e.name, {}))
 
-    def save(self, best: bool = False) -> None:
-        """Write checkpoint_last.pt (and the best / numbered copies) atomically; rank 0 only."""
-        if not self.dist.is_main:
+    def save(self, last: bool = True, best: bool = False) -> None:
+        """Write checkpoint_last.pt (with the numbered copies) and/or checkpoint_best.pt atomically.
+
+        Call it on every rank: rank 0 writes, and under FSDP gathering the state is collective.
+        """
+        if not self.dist.is_main and not self.fsdp:
             return
         state = self._state()
-        checkpoint.save_atomic(self.out_dir / checkpoint.LAST, state)
+        if not self.dist.is_main:
+            return
         if best:
             checkpoint.save_atomic(self.out_dir / checkpoint.BEST, state)
+        if not last:
+            return
+        checkpoint.save_atomic(self.out_dir / checkpoint.LAST, state)
         keep = self.cfg.output.keep_checkpoints
         if keep > 0:
             checkpoint.save_atomic(self.out_dir / checkpoint.step_name(self.step), state)
@@ -381,7 +424,7 @@ class Trainer:
                     window_start += time.perf_counter() - t0  # evaluation is not training throughput
                 if c.output.save_checkpoint and self.step % c.output.checkpoint_interval == 0:
                     t0 = time.perf_counter()
-                    self.save(best=False)
+                    self.save()
                     window_start += time.perf_counter() - t0
         finally:
             for s, h in previous_handlers.items():
@@ -392,7 +435,7 @@ class Trainer:
         if last_eval.get("step") != self.step:
             last_eval = self._evaluate_and_log(metrics, trackers, None)
         if c.output.save_checkpoint or self._stop_signal is not None:
-            self.save(best=False)
+            self.save()
         results = self._results(last_eval, tokens_per_s, stop_reason, time.perf_counter() - start)
         if self.dist.is_main:
             write_json_atomic(self.out_dir / "results.json", results)
@@ -452,8 +495,8 @@ class Trainer:
             f"± {ev['val_loss_se']:.4f} (ppl {ev['val_perplexity']:.1f}){' *best*' if is_best else ''}"
         )
         self._write(bar, msg)
-        if is_best and self.cfg.output.save_checkpoint and self.step > 0 and self.dist.is_main:
-            checkpoint.save_atomic(self.out_dir / checkpoint.BEST, self._state())
+        if is_best and self.cfg.output.save_checkpoint and self.step > 0:
+            self.save(last=False, best=True)
         return {**ev, "step": self.step}
 
     def _results(

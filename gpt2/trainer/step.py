@@ -79,9 +79,12 @@ class TrainStep:
         self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self._params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if self.skip_nonfinite and not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+        full_norm = (
+            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        )  # FSDP DTensor
+        if self.skip_nonfinite and not self.scaler.is_enabled() and not bool(torch.isfinite(full_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepOutput(total, grad_norm, False)
+            return StepOutput(total, full_norm, False)
         if self.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, grad_norm, foreach=True)
         self.scaler.step(self.optimizer)
@@ -89,10 +92,13 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         for ext in self.extensions:
             ext.after_optimizer_step(self.model, self.optimizer)
-        return StepOutput(total, grad_norm, True)
+        return StepOutput(total, full_norm, True)
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
-        """Under DDP, all-reduce gradients only on the last micro-step."""
+        """Reduce gradients across ranks only on the last micro-step (DDP and FSDP2)."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         no_sync = getattr(self.forward_model, "no_sync", None)
         if no_sync is None or last:
             return contextlib.nullcontext()

@@ -146,3 +146,48 @@ def test_two_node_rendezvous_on_loopback(tiny_flags, tmp_path, nodes) -> None:
         assert p.returncode == 0, err[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["world_size"] == nodes and results["iters"] == 4
+
+
+def _torchrun(flags: dict, nproc: int = 2) -> None:
+    proc = subprocess.run(
+        [
+            *TORCHRUN,
+            f"--nproc_per_node={nproc}",
+            "--master_port",
+            str(_free_port()),
+            "gpt2/train.py",
+            *as_argv(flags),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(tiny_flags, tmp_path) -> None:
+    flags = dict(_flags(tiny_flags, tmp_path / "ddp"), log_interval=1)
+    _torchrun(flags)
+    _torchrun(dict(flags, output_dir=str(tmp_path / "fsdp"), parallel="fsdp"))
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [r["train_loss"] for r in map(json.loads, lines) if "lr" in r]
+
+    ddp, fsdp = losses("ddp"), losses("fsdp")
+    assert len(ddp) == len(fsdp) == 4
+    for a, b in zip(ddp, fsdp):
+        assert abs(a - b) < 1e-5, (ddp, fsdp)
+
+    # the FSDP checkpoint holds full tensors and resumes in a single process
+    state = checkpoint.load(tmp_path / "fsdp" / checkpoint.LAST)
+    assert state["optimizer_format"] == "by_name"
+    ref = checkpoint.load(tmp_path / "ddp" / checkpoint.LAST)["model"]
+    for k, v in ref.items():
+        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=1e-5, msg=k)
+    single = dict(flags, output_dir=str(tmp_path / "fsdp"), max_iters=6, resume="auto")
+    results = Trainer(resolve(single)).fit()
+    assert results["iters"] == 6
