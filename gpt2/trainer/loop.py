@@ -337,12 +337,23 @@ class Trainer:
                 self.out_dir / "metrics.jsonl", resume_from_step=self.step if resume_path else None
             )
         trackers = Trackers(
-            [n.strip() for n in c.track.tracker.split(",") if n.strip()] if self.dist.is_main else [],
+            c.track.tracker if self.dist.is_main else [],
             project=c.track.tracker_project or default_project(),
             run_name=c.track.tracker_run_name or default_run_name(c.optim.optimizer),
             config=c.to_dict(),
             out_dir=self.out_dir,
+            quiet=c.train.quiet,
         )
+        with trackers:  # finished on every path; marked failed when an exception leaves
+            results = self._train(metrics, trackers, resume_path, start)
+            summary = {k: v for k, v in results.items() if k not in ("config", "model_config")}
+            trackers.finish(summary)
+        return results
+
+    def _train(
+        self, metrics: Any, trackers: Trackers, resume_path: Path | None, start: float
+    ) -> dict[str, Any]:
+        c = self.cfg
         tokens_per_step = self.tokens_per_step
         ranks = f" x {self.dist.world_size} ranks" if self.dist.enabled else ""
         self.say(
@@ -441,7 +452,6 @@ class Trainer:
             write_json_atomic(self.out_dir / "results.json", results)
             if c.output.json_output:
                 write_json_atomic(Path(c.output.json_output), results)
-        trackers.finish({k: v for k, v in results.items() if isinstance(v, (int, float))})
         self.say(
             f"done ({stop_reason}): step {self.step}, val loss {results['final_val_loss']:.4f} "
             f"(best {results['best_val_loss']:.4f}), {results['tokens_per_s']:,.0f} tokens/s, "
@@ -489,7 +499,9 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
         }
         metrics.write(record)
-        trackers.log(record, step=self.step)
+        trackers.log(
+            {f"eval/{k}" if k.startswith("train_") else k: v for k, v in record.items()}, step=self.step
+        )
         msg = (
             f"eval step {self.step}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f} "
             f"± {ev['val_loss_se']:.4f} (ppl {ev['val_perplexity']:.1f}){' *best*' if is_best else ''}"
