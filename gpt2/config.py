@@ -33,7 +33,6 @@ NOT_IMPLEMENTED: dict[str, int] = {
     "adamwspam": 4,
     "adamwprune": 4,
     "pruning": 4,
-    "distributed": 5,
 }
 
 
@@ -151,6 +150,10 @@ class TrainSection:
     log_interval: int | None = opt(None, "steps between train-loss logs")
     eval_interval: int | None = opt(None, "steps between evaluations")
     eval_samples: int | None = opt(None, "batches per split per evaluation")
+    max_bad_steps: int = opt(
+        5, "non-finite steps in a row (each skipped) before reloading the last checkpoint with half the LR"
+    )
+    deterministic: bool = opt(False, "bitwise-reproducible kernels (slower on CUDA; CPU runs already are)")
     dry_run: bool = opt(
         False, "validate flags, build the model, run one step on a random batch, print the config, exit"
     )
@@ -167,6 +170,7 @@ class OutputSection:
     keep_checkpoints: int = opt(
         0, "with --save-checkpoint, also keep the K most recent checkpoint_step_N.pt files"
     )
+    overwrite: bool = opt(False, "start afresh in an output dir that holds another run's checkpoint")
     resume: str | None = opt(None, "resume from a checkpoint PATH, or 'auto' (the output dir's last one if any)")
     json_output: str | None = opt(None, "also copy results.json to this path (legacy flag)")
     sample_tokens: int = opt(200, "tokens of text to sample and print at the end (0: none)")
@@ -185,7 +189,15 @@ class TrackSection:
 class DistSection:
     """Distributed (torchrun)."""
 
-    ddp_find_unused_params: bool = opt(True, "pass find_unused_parameters to DDP")
+    parallel: str = opt(
+        "ddp",
+        "under torchrun: ddp replicates the model; fsdp shards parameters, gradients and optimizer "
+        "state per block (FSDP2), for models that do not fit on one device",
+        choices=("ddp", "fsdp"),
+    )
+    ddp_find_unused_params: bool = opt(
+        False, "DDP find_unused_parameters (off: every parameter is used; the earlier system forced it on)"
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -362,6 +374,13 @@ def validate(cfg: RunConfig) -> None:
     _check(
         not (t.dtype == "float16" and t.device == "cpu"),
         "--dtype float16 needs CUDA; use float32 or bfloat16 on CPU",
+    )
+    _check(t.max_bad_steps > 0, f"--max-bad-steps must be positive, got {t.max_bad_steps}")
+    _check(
+        out.resume is not None or out.overwrite or t.dry_run or cfg.ablation.ablation_mode
+        or not (Path(out.output_dir) / "checkpoint_last.pt").exists(),
+        f"--output-dir {out.output_dir} holds another run's checkpoint: pass --resume auto to continue it "
+        "or --overwrite to start afresh",
     )
     if out.resume not in (None, "auto"):
         _check(Path(out.resume).is_file(), f"--resume: no checkpoint file at {out.resume}")
