@@ -15,12 +15,18 @@ from typing import Any
 
 from gpt2.errors import ConfigError
 from gpt2.model.config import GPTConfig
+from gpt2.model.steps import STEPS, apply_step, get_step, parse_steps
 from gpt2.presets import PRESETS
 
 ARCHITECTURES = ("vanilla", "unified-ra")
+RA_GATES = ("per-head", "per-layer")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune")
 PRUNING_METHODS = ("none", "magnitude", "movement", "state")
 BITTER_VARIANTS = tuple(f"bitter{i}" for i in range(10))
+# Extra training the reference gave some AdamWPrune variants (fraction of --max-iters); applied
+# only when --max-iters is not given, and the pruning ramp keeps the un-extended length.
+BITTER_EXTRA_ITERS: dict[str, float] = {"bitter2": 0.21, **{f"bitter{i}": 0.30 for i in (3, 4, 5, 6, 8, 9)}}
+PRUNING_RAMP_FRACTION = 0.8  # default ramp end, as a fraction of --max-iters
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRACKERS = ("none", "wandb", "trackio")
 KNOWN_DATASETS = ("shakespeare", "finewebedu", "openwebtext")
@@ -28,11 +34,6 @@ KNOWN_DATASETS = ("shakespeare", "finewebedu", "openwebtext")
 # Capabilities whose flags exist but whose implementation lands with a later issue (key -> issue).
 # Delete an entry when its capability is implemented; validation refuses the rest with exit 2.
 NOT_IMPLEMENTED: dict[str, int] = {
-    "unified-ra": 3,
-    "ablation": 3,
-    "adamwspam": 4,
-    "adamwprune": 4,
-    "pruning": 4,
 }
 
 
@@ -59,7 +60,12 @@ class ModelSection:
     dropout: float | None = opt(None, "dropout probability everywhere (preset default: 0.1 GPT-2, 0 tiny)")
     bias: bool = opt(True, "bias in Linear and LayerNorm layers (the earlier system could not turn it off)")
     ra_step: str | None = opt(
-        None, "V-series step for --architecture unified-ra (default V1)", aliases=("--ra-mla-ablation-step",)
+        None,
+        f"V-series step for --architecture unified-ra: {', '.join(STEPS)} (default V1; see --list-steps)",
+        aliases=("--ra-mla-ablation-step",),
+    )
+    ra_gates: str = opt(
+        "per-head", "Unified RA gates (w_std, w_rec): one pair per head or per layer", choices=RA_GATES
     )
     compile: bool = opt(False, "torch.compile the model")
     flash_attention: bool = opt(
@@ -73,6 +79,9 @@ class AblationSection:
 
     ablation_mode: bool = opt(False, "run several V-steps one after another under the same budget and data")
     ablation_steps: str | None = opt(None, "comma-separated steps for --ablation-mode (default V0,V1,V3)")
+    ablation_seeds: int = opt(
+        1, "run every ablation step with seeds seed..seed+N-1; the summary reports mean ± std and seed noise"
+    )
     list_steps: bool = opt(False, "print the V-step table and exit")
 
 
@@ -111,33 +120,93 @@ class OptimSection:
     beta1: float = opt(0.9, "Adam beta1")
     beta2: float | None = opt(None, "Adam beta2 (default 0.999 as the earlier system; tiny preset 0.99)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 turns clipping off")
-    spam_theta: float = opt(50.0, "AdamWSPAM: spike clipping strength theta")
-    spam_interval: int = opt(1000, "AdamWSPAM: momentum reset interval in steps; 0 disables resets")
-    spam_warmup_steps: int = opt(1000, "AdamWSPAM: LR re-warmup steps after each reset")
-    spam_enable_clip: bool = opt(False, "AdamWSPAM: spike-aware per-element gradient clipping")
-    adamwprune_variant: str = opt("bitter0", "AdamWPrune importance score", choices=BITTER_VARIANTS)
-    adamwprune_base_optimizer_name: str = opt("adamw", "AdamWPrune base optimizer", choices=("adamw", "adamwspam"))
-    adamwprune_beta1: float = opt(0.9, "AdamWPrune beta1")
-    adamwprune_beta2: float = opt(0.999, "AdamWPrune beta2")
-    adamwprune_weight_decay: float = opt(0.0, "AdamWPrune weight decay")
+    spam_theta: float = opt(50.0, "AdamWSPAM: spike clipping strength theta (SPAM paper: 5000)")
+    spam_interval: int = opt(
+        1000,
+        "AdamWSPAM: zero the Adam moments every N optimizer steps; 0 disables (the earlier system "
+        "counted each step twice and reset every N/2 steps)",
+    )
+    spam_warmup_steps: int = opt(
+        100,
+        "AdamWSPAM: cosine LR re-warmup steps after each reset, < --spam-interval (the earlier CLI "
+        "default 1000 = interval kept the LR in re-warmup for good; 100 is its Kconfig default)",
+    )
+    spam_enable_clip: bool = opt(
+        False, "AdamWSPAM: spike-aware clipping, |g| > sqrt(theta*v) -> sign(g)*sqrt(theta*v)"
+    )
+    spam_spike_detection: bool = opt(
+        False,
+        "AdamWSPAM: the earlier system's z-score soft reset (m*=0.5, v*=0.9 when the gradient norm "
+        "is > 2 std above the last 100); reads the norm to the host every step",
+    )
+    spam_amsgrad: bool = opt(
+        False, "AdamWSPAM: AMSGrad (the earlier system always used it; it adds a third state tensor)"
+    )
+    adamwprune_variant: str = opt(
+        "bitter0",
+        "AdamWPrune importance score (higher keeps; m, v Adam moments): bitter0 w^2|m|/(sqrt v+eps); "
+        "bitter1, bitter2 |w|; bitter3 |w|sqrt(|m|+eps); bitter4 bitter3 with per-layer sparsity "
+        "0.7s..1.3s; bitter5 -sign(w)m/(sqrt v+eps)+0.1|w|; bitter6 bitter3*sqrt(m^2/(v+eps)); "
+        "bitter7 |w|(|v|+eps)^0.25; bitter8 |w|sqrt(|m_hat|+eps); bitter9 bitter3-0.1sign(w)m/(sqrt v+eps). "
+        "bitter5/9 prune weights that Adam moves toward zero, their stated intent (the earlier "
+        "formulas had the opposite sign). bitter2 trains 1.21x, bitter3-6,8,9 1.3x the steps when "
+        "--max-iters is not given",
+        choices=BITTER_VARIANTS,
+    )
+    adamwprune_base_optimizer_name: str = opt(
+        "adamw",
+        "AdamWPrune base optimizer (adamwspam: with the --spam-* settings)",
+        choices=("adamw", "adamwspam"),
+    )
+    adamwprune_beta1: float | None = opt(None, "AdamWPrune beta1; unset: --beta1")
+    adamwprune_beta2: float | None = opt(None, "AdamWPrune beta2; unset: --beta2")
+    adamwprune_weight_decay: float | None = opt(
+        None, "AdamWPrune weight decay on >=2-D weights; unset: --weight-decay (the earlier default was 0)"
+    )
     adamwprune_amsgrad: bool = opt(False, "AdamWPrune AMSGrad")
-    adamwprune_frequency: int = opt(50, "AdamWPrune mask update period in steps")
 
 
 @dataclass
 class PruningSection:
     """Pruning."""
 
-    pruning_method: str = opt("none", "what decides which weights are pruned", choices=PRUNING_METHODS)
-    target_sparsity: float = opt(0.5, "final fraction of prunable weights set to zero, in [0, 1)")
+    pruning_method: str = opt(
+        "none",
+        "what decides which weights are pruned: magnitude |w|, movement w*(w-w0) (no regrowth: once "
+        "pruned, stays pruned), or state (--optimizer adamwprune's variant)",
+        choices=PRUNING_METHODS,
+    )
+    target_sparsity: float = opt(
+        0.5, "final fraction of prunable weights set to zero, in [0, 1); reached exactly at the ramp end"
+    )
     pruning_warmup: int = opt(1000, "steps before any pruning")
+    pruning_ramp_end: int | None = opt(
+        None,
+        "step at which the cubic sparsity ramp reaches --target-sparsity, then holds "
+        "(unset: 0.8 x --max-iters; the earlier system ended it at the last step and fell short)",
+    )
+    pruning_frequency: int = opt(
+        50, "steps between mask updates during the ramp (the earlier magnitude pruner ignored it)",
+        aliases=("--adamwprune-frequency",),
+    )
+    prune_embeddings: bool = opt(
+        False,
+        "also prune the token embedding (= the tied lm_head), as the earlier system did; by default only "
+        "the Linear weights of the blocks are pruned, never embeddings, LayerNorms, biases or gates",
+    )
+    pruning_threshold_sample: float = opt(
+        0.0, "estimate the global score threshold from this random fraction of the scores (0: exact)"
+    )
 
 
 @dataclass
 class TrainSection:
     """Training run."""
 
-    max_iters: int = opt(10000, "optimizer steps; also the LR decay horizon")
+    max_iters: int = opt(
+        10000,
+        "optimizer steps; also the LR decay horizon (not given: 1.21x/1.3x for some AdamWPrune variants)",
+    )
     max_time: float = opt(0, "wall-clock budget in seconds (0: none); the run stops at whichever comes first")
     num_epochs: float | None = opt(
         None, "passes over the training tokens; sets --max-iters from the dataset size", aliases=("--epochs",)
@@ -308,6 +377,7 @@ def resolve(values: dict[str, Any], explicit: set[str] | None = None) -> RunConf
                 setattr(obj, f.name, preset.train.get(f.name, FALLBACKS.get(f.name)))
     if cfg.optim.min_lr is None:
         cfg.optim.min_lr = cfg.optim.learning_rate / 10
+    _resolve_pruning(cfg)
     if cfg.model.architecture == "unified-ra" and cfg.model.ra_step is None:
         cfg.model.ra_step = "V1"
     if cfg.ablation.ablation_mode and cfg.ablation.ablation_steps is None:
@@ -316,9 +386,130 @@ def resolve(values: dict[str, Any], explicit: set[str] | None = None) -> RunConf
     return cfg
 
 
+def iteration_bump(cfg: RunConfig) -> float:
+    """Extra training (fraction of --max-iters) the reference's recipe gives this run's AdamWPrune variant.
+
+    Only for ``--pruning-method state`` and only when neither --max-iters nor --num-epochs was given.
+    """
+    o, p, t = cfg.optim, cfg.pruning, cfg.train
+    if o.optimizer != "adamwprune" or p.pruning_method != "state":
+        return 0.0
+    if "max_iters" in cfg.explicit or t.num_epochs is not None:
+        return 0.0
+    return BITTER_EXTRA_ITERS.get(o.adamwprune_variant, 0.0)
+
+
+def _resolve_pruning(cfg: RunConfig) -> None:
+    """AdamWPrune settings default to the general ones; the ramp end and variant bump are derived."""
+    o, p, t = cfg.optim, cfg.pruning, cfg.train
+    for name, general in (
+        ("adamwprune_beta1", o.beta1),
+        ("adamwprune_beta2", o.beta2),
+        ("adamwprune_weight_decay", o.weight_decay),
+    ):
+        if getattr(o, name) is None:
+            setattr(o, name, general)
+    if p.pruning_method != "none" and p.pruning_ramp_end is None and t.num_epochs is None:
+        p.pruning_ramp_end = round(PRUNING_RAMP_FRACTION * t.max_iters)  # before the bump: same ramp
+    bump = iteration_bump(cfg)
+    if bump:
+        t.max_iters = round(t.max_iters * (1 + bump))
+
+
+def _validate_optim_pruning(cfg: RunConfig) -> None:
+    """SPAM, AdamWPrune and pruning flags: ranges, and no flag that the run would ignore."""
+    o, p, t = cfg.optim, cfg.pruning, cfg.train
+    given = set(cfg.explicit)
+    uses_spam = o.optimizer == "adamwspam" or (
+        o.optimizer == "adamwprune" and o.adamwprune_base_optimizer_name == "adamwspam"
+    )
+    _check(o.spam_theta > 0, f"--spam-theta must be positive, got {o.spam_theta}")
+    spam_flags = sorted(n for n in given if n.startswith("spam_"))
+    _check(
+        uses_spam or not spam_flags,
+        f"--{spam_flags[0].replace('_', '-') if spam_flags else ''} needs --optimizer adamwspam "
+        "(or adamwprune with --adamwprune-base-optimizer-name adamwspam)",
+    )
+    if uses_spam and o.spam_interval > 0:
+        _check(
+            o.spam_warmup_steps < o.spam_interval,
+            f"--spam-warmup-steps ({o.spam_warmup_steps}) must be below --spam-interval ({o.spam_interval}); "
+            "otherwise the LR never leaves the re-warmup",
+        )
+    prune_flags = sorted(n for n in given if n.startswith("adamwprune_"))
+    _check(
+        o.optimizer == "adamwprune" or not prune_flags,
+        f"--{prune_flags[0].replace('_', '-') if prune_flags else ''} needs --optimizer adamwprune",
+    )
+    _check(
+        0 <= o.adamwprune_beta1 < 1 and 0 <= o.adamwprune_beta2 < 1,
+        "--adamwprune-beta1 and --adamwprune-beta2 must be in [0, 1)",
+    )
+    _check(
+        o.adamwprune_weight_decay >= 0,
+        f"--adamwprune-weight-decay must be >= 0, got {o.adamwprune_weight_decay}",
+    )
+    _check(p.pruning_frequency > 0, f"--pruning-frequency must be positive, got {p.pruning_frequency}")
+    _check(
+        0.0 <= p.pruning_threshold_sample < 1.0,
+        f"--pruning-threshold-sample must be in [0, 1), got {p.pruning_threshold_sample}",
+    )
+    _check(
+        cfg.dist.parallel != "fsdp" or (p.pruning_method == "none" and o.optimizer != "adamwprune"),
+        "pruning needs whole weights for its masks and global threshold: use --parallel ddp, not fsdp",
+    )
+    if p.pruning_method == "none":
+        extra = sorted(
+            given & {"pruning_ramp_end", "pruning_frequency", "prune_embeddings", "pruning_threshold_sample"}
+        )
+        _check(not extra, f"--{extra[0].replace('_', '-') if extra else ''} needs --pruning-method")
+        return
+    _check(
+        p.pruning_ramp_end is not None,
+        "--num-epochs with pruning needs --pruning-ramp-end (the step count is known only once the data is)",
+    )
+    _check(
+        p.pruning_warmup < p.pruning_ramp_end,
+        f"--pruning-warmup ({p.pruning_warmup}) must be below the pruning ramp end ({p.pruning_ramp_end}); "
+        "lower --pruning-warmup or raise --pruning-ramp-end",
+    )
+    _check(
+        t.num_epochs is not None or p.pruning_ramp_end <= t.max_iters,
+        f"--pruning-ramp-end ({p.pruning_ramp_end}) is beyond --max-iters ({t.max_iters}): "
+        "the target sparsity would never be reached",
+    )
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _validate_ra(cfg: RunConfig) -> None:
+    """Unified RA and ablation flags; step names come from the V-step registry."""
+    m, a = cfg.model, cfg.ablation
+    if m.architecture != "unified-ra":
+        _check("ra_gates" not in cfg.explicit, "--ra-gates needs --architecture unified-ra")
+        _check(not a.ablation_mode, "--ablation-mode needs --architecture unified-ra")
+    _check(a.ablation_seeds >= 1, f"--ablation-seeds must be >= 1, got {a.ablation_seeds}")
+    _check(a.ablation_mode or a.ablation_seeds == 1, "--ablation-seeds needs --ablation-mode")
+    if a.ablation_mode:
+        _check("ra_step" not in cfg.explicit, "--ablation-mode runs --ablation-steps; drop --ra-step")
+        _check(
+            cfg.output.resume in (None, "auto"),
+            "--ablation-mode resumes each step from its own folder: give --resume auto or nothing",
+        )
+    if not a.ablation_mode and m.ra_step is None:
+        return
+    flag = "--ablation-steps" if a.ablation_mode else "--ra-step"
+    try:
+        for step in parse_steps(a.ablation_steps or "") if a.ablation_mode else [get_step(m.ra_step).name]:
+            try:
+                apply_step(cfg.gpt_config(), step).validate()
+            except ValueError as e:
+                raise ValueError(f"step {step} does not fit this model: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 def validate(cfg: RunConfig) -> None:
@@ -350,7 +541,9 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
     _check(o.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {o.grad_clip}")
     _check(o.adamwprune_variant in BITTER_VARIANTS, f"unknown --adamwprune-variant {o.adamwprune_variant!r}")
-    _check(o.spam_interval >= 0 and o.spam_warmup_steps >= 0, "--spam-interval/--spam-warmup-steps must be >= 0")
+    _check(
+        o.spam_interval >= 0 and o.spam_warmup_steps >= 0, "--spam-interval/--spam-warmup-steps must be >= 0"
+    )
     _check(p.pruning_method in PRUNING_METHODS, f"unknown --pruning-method {p.pruning_method!r}")
     _check(0.0 <= p.target_sparsity < 1.0, f"--target-sparsity must be in [0, 1), got {p.target_sparsity}")
     _check(p.pruning_warmup >= 0, f"--pruning-warmup must be >= 0, got {p.pruning_warmup}")
@@ -396,6 +589,8 @@ def validate(cfg: RunConfig) -> None:
         cfg.ablation.ablation_mode or cfg.ablation.ablation_steps is None,
         "--ablation-steps needs --ablation-mode",
     )
+    _validate_ra(cfg)
+    _validate_optim_pruning(cfg)
     _check(
         not (p.pruning_method == "state" and o.optimizer != "adamwprune"),
         "--pruning-method state needs --optimizer adamwprune (it prunes from the optimizer's state)",

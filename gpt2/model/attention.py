@@ -16,9 +16,9 @@ from gpt2.model.config import GPTConfig
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with one fused QKV projection and PyTorch SDPA.
 
-    Subclasses change what happens between the projection and the output projection
-    by overriding :meth:`attend`, so projections, init and dropout stay identical
-    across variants (a fair comparison needs exactly that).
+    Subclasses change the fused projection (:meth:`project`) or what happens between the
+    projection and the output projection (:meth:`attend`), so the modules, their init and
+    dropout stay identical across variants (a fair comparison needs exactly that).
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -32,6 +32,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_projection = True  # read by GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, 3C): the fused [q | k | v] projection."""
+        return self.c_attn(x)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) queries, keys, values -> (B, H, T, D) causal attention output."""
         return F.scaled_dot_product_attention(
@@ -41,7 +45,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.project(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -50,4 +54,70 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-ATTENTION: dict[str, type[CausalSelfAttention]] = {"standard": CausalSelfAttention}
+class UnifiedRAttention(CausalSelfAttention):
+    """Unified Reciprocal Attention (reference §3) in the folded layout, at the baseline's cost.
+
+    The fused projection's three C-wide blocks are read as ``Qf | Kf | V``; within each head the
+    first ``D - R`` channels of Qf / Kf are Q_std / K_std and the last R are K_low / Q_low, so one
+    causal SDPA call with scale 1/√D scores
+
+        S_ij = (w_std·<q_std_i, k_std_j> + w_rec·<k_low_i, q_low_j>) / √D.
+
+    The gates multiply the query side only (the same scores as √w on both sides) and are folded
+    into the Qf rows of the projection's weight and bias: a (3C, C) product per forward instead
+    of a (B, T, C) one. They are not clamped: without the reference's square root a gate may
+    cross zero (a sign the Q_low weights could express anyway), and a clamp would freeze its
+    gradient there for good.
+
+    Modules, init and dropout are the base class's, so with gates (1, 1) this is exactly
+    standard attention, and with the same seed V1's weights equal V0's. Self-restart
+    (``config.self_restart``) mixes each head's output with its own value vector:
+    ``(1 - a)·attention + a·V``, ``a = clamp(rwr_alpha, 0, 0.5)`` per head.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.rank = config.ra_rank
+        self.d_std = self.head_dim - self.rank
+        gate_shape = (config.n_head,) if config.ra_per_head_gates else ()
+        self.w_std = nn.Parameter(torch.full(gate_shape, 0.9))
+        self.w_rec = nn.Parameter(torch.full(gate_shape, 0.1))
+        self.rwr_alpha = nn.Parameter(torch.full((config.n_head,), 0.05)) if config.self_restart else None
+
+    def query_scale(self) -> torch.Tensor:
+        """(C,) per-channel query gains: w_std on each head's first D - R channels, w_rec on the last R."""
+        H = self.n_head
+        g_std = self.w_std.reshape(-1, 1).expand(H, self.d_std)
+        g_rec = self.w_rec.reshape(-1, 1).expand(H, self.rank)
+        return torch.cat([g_std, g_rec], dim=1).reshape(-1)
+
+    def restart_alpha(self) -> torch.Tensor | None:
+        """(H,) the self-restart mix actually applied, or None without self-restart."""
+        return None if self.rwr_alpha is None else self.rwr_alpha.clamp(0.0, 0.5)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        scale = F.pad(self.query_scale(), (0, 2 * self.n_embd), value=1.0)  # K and V rows keep gain 1
+        weight = self.c_attn.weight * scale[:, None]
+        bias = None if self.c_attn.bias is None else self.c_attn.bias * scale
+        return F.linear(x, weight, bias)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        y = super().attend(q, k, v)
+        alpha = self.restart_alpha()
+        if alpha is None:
+            return y
+        return torch.lerp(y, v, alpha.view(1, -1, 1, 1).to(y.dtype))  # y + a·(v - y), one kernel
+
+    def gates(self) -> dict[str, torch.Tensor]:
+        """Learned gate values by name ((H,) per head, 0-dim per layer), for gate statistics."""
+        out = {"attn_w_std": self.w_std, "attn_w_rec": self.w_rec}
+        alpha = self.restart_alpha()
+        if alpha is not None:
+            out["attn_restart_alpha"] = alpha
+        return out
+
+
+ATTENTION: dict[str, type[CausalSelfAttention]] = {
+    "standard": CausalSelfAttention,
+    "unified_ra": UnifiedRAttention,
+}

@@ -24,11 +24,24 @@ class GPTConfig:
     bias: bool = True
     attention: str = "standard"
     mlp: str = "standard"
-    mlp_expansion: float = 4.0
+    mlp_expansion: float = 4.0  # hidden width = int(mlp_expansion * n_embd), for every MLP variant
+    # Unified RA (attention="unified_ra"): R of each head's D channels are reciprocal.
+    ra_rank: int = 4
+    ra_per_head_gates: bool = True  # False: one (w_std, w_rec) pair per layer
+    self_restart: bool = False  # out = (1-a)·attention + a·V, per-head a in [0, 0.5]
+    # Reciprocal MLP (mlp="reciprocal"): R_ff of the hidden channels form the low path.
+    rmlp_rank: int = 64
+    rmlp_mixer: bool = False  # R_ff x R_ff linear map on the low path
+    rmlp_gates: bool = False  # extra learned scalar gate_alpha on the low path
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """Hidden width of the MLP (3072 for GPT-2 small at 4x)."""
+        return int(self.mlp_expansion * self.n_embd)
 
     def validate(self) -> None:
         """Raise ``ValueError`` with one readable line when the shapes cannot work."""
@@ -39,8 +52,16 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_expansion <= 0:
-            raise ValueError(f"mlp_expansion must be positive, got {self.mlp_expansion}")
+        if self.mlp_expansion <= 0 or self.mlp_width < 1:
+            raise ValueError(f"mlp_expansion must give a positive width, got {self.mlp_expansion}")
+        if self.attention == "unified_ra" and not 0 < self.ra_rank < self.head_dim:
+            raise ValueError(f"ra_rank must be in [1, head_dim={self.head_dim}), got {self.ra_rank}")
+        if self.self_restart and self.attention != "unified_ra":
+            raise ValueError("self_restart needs attention='unified_ra'")
+        if self.mlp == "reciprocal" and not 0 < self.rmlp_rank < self.mlp_width:
+            raise ValueError(f"rmlp_rank must be in [1, MLP width={self.mlp_width}), got {self.rmlp_rank}")
+        if (self.rmlp_mixer or self.rmlp_gates) and self.mlp != "reciprocal":
+            raise ValueError("rmlp_mixer and rmlp_gates need mlp='reciprocal'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

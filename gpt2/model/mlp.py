@@ -1,24 +1,20 @@
-"""Feed-forward variants, registered in ``MLP`` under the name ``GPTConfig.mlp`` uses."""
+"""Feed-forward variants, registered in ``MLP_VARIANTS`` under the name ``GPTConfig.mlp`` uses."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpt2.model.config import GPTConfig
 
 
-def hidden_width(config: GPTConfig) -> int:
-    """Width of the MLP's hidden layer (4x n_embd for GPT-2)."""
-    return int(config.mlp_expansion * config.n_embd)
-
-
 class MLP(nn.Module):
-    """GPT-2 MLP: Linear -> exact GELU -> Linear -> dropout."""
+    """GPT-2 MLP: Linear C -> width (``config.mlp_width``) -> exact GELU -> Linear -> dropout."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        width = hidden_width(config)
+        width = config.mlp_width
         self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
@@ -30,4 +26,59 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-MLP_VARIANTS: dict[str, type[nn.Module]] = {"standard": MLP}
+class ReciprocalMLP(nn.Module):
+    """R-MLP (reference §4.1): the hidden layer split into a standard and a low-rank reciprocal path.
+
+    ``h = [w_std·GELU(up_std x) | w_rec·α·mix(GELU(up_low x))]`` then ``down``. The widths add up
+    to the baseline's (``up_std`` + ``up_low`` = ``mlp_width``), so FLOPs equal the baseline MLP's at
+    the same expansion. Linears follow ``config.bias`` and GPT-2's init (``down`` is a residual
+    projection). The optional mixer starts as the identity, so a mixer step starts as the same
+    function as the step without it. The optional ``gate_alpha`` is one scalar per layer (as in
+    the reference; it is redundant with ``w_rec`` but kept so the V-series means the same thing).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        width, rank = config.mlp_width, config.rmlp_rank
+        self.d_std, self.rank = width - rank, rank
+        self.up_std = nn.Linear(config.n_embd, self.d_std, bias=config.bias)
+        self.up_low = nn.Linear(config.n_embd, rank, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.down = nn.Linear(width, config.n_embd, bias=config.bias)
+        self.down.residual_projection = True  # read by GPT._init_weights
+        self.dropout = nn.Dropout(config.dropout)
+        self.w_std = nn.Parameter(torch.tensor(0.9))
+        self.w_rec = nn.Parameter(torch.tensor(0.1))
+        if config.rmlp_mixer:
+            # Plain parameters rather than nn.Linear, so GPT's N(0, 0.02) init leaves the identity alone.
+            self.mixer_weight = nn.Parameter(torch.eye(rank))
+            self.mixer_bias = nn.Parameter(torch.zeros(rank)) if config.bias else None
+        else:
+            self.mixer_weight = self.mixer_bias = None
+        self.gate_alpha = nn.Parameter(torch.tensor(0.1)) if config.rmlp_gates else None
+
+    def column_scale(self) -> torch.Tensor:
+        """(width,) gains of the hidden channels: w_std on the standard ones, w_rec·α on the low ones."""
+        low = self.w_rec if self.gate_alpha is None else self.w_rec * self.gate_alpha
+        return torch.cat([self.w_std.expand(self.d_std), low.expand(self.rank)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        h_low = self.gelu(self.up_low(x))
+        if self.mixer_weight is not None:
+            h_low = F.linear(h_low, self.mixer_weight, self.mixer_bias)
+        h = torch.cat([self.gelu(self.up_std(x)), h_low], dim=-1)
+        # The gates act after every non-linearity, so they fold exactly into down's columns:
+        # a (C, width) product instead of scaling the (B, T, width) activations.
+        weight = self.down.weight * self.column_scale()
+        return self.dropout(F.linear(h, weight, self.down.bias))
+
+    def gates(self) -> dict[str, torch.Tensor]:
+        """Learned gate values by name (0-dim tensors), for gate statistics."""
+        out = {"mlp_w_std": self.w_std, "mlp_w_rec": self.w_rec}
+        if self.gate_alpha is not None:
+            out["mlp_gate_alpha"] = self.gate_alpha
+        return out
+
+
+MLP_VARIANTS: dict[str, type[nn.Module]] = {"standard": MLP, "reciprocal": ReciprocalMLP}

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from gpt2.config import OptimSection
+from gpt2.optim.adamwprune import AdamWPrune
+from gpt2.optim.prune.masks import prunable_parameters
+from gpt2.optim.spam import AdamWSPAM
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -57,8 +60,49 @@ def _sgd(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, momentum=0.9)
 
 
+def _spam_settings(cfg: OptimSection) -> dict[str, Any]:
+    return dict(
+        theta=cfg.spam_theta,
+        interval=cfg.spam_interval,
+        warmup_steps=cfg.spam_warmup_steps,
+        enable_clip=cfg.spam_enable_clip,
+        spike_detection=cfg.spam_spike_detection,
+    )
+
+
+def _adamwspam(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+    return AdamWSPAM(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+        amsgrad=cfg.spam_amsgrad,
+        fused=_fused_ok(model),
+        **_spam_settings(cfg),
+    )
+
+
+def _adamwprune(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+    # The default prunable set (block Linear weights); the pruning extension widens it for
+    # --prune-embeddings before the first step.
+    spam = _spam_settings(cfg) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {}
+    return AdamWPrune(
+        param_groups(model, cfg.adamwprune_weight_decay),
+        prunable=prunable_parameters(model),
+        variant=cfg.adamwprune_variant,
+        lr=cfg.learning_rate,
+        betas=(cfg.adamwprune_beta1, cfg.adamwprune_beta2),
+        eps=1e-8,
+        amsgrad=cfg.adamwprune_amsgrad,
+        fused=_fused_ok(model),
+        **spam,
+    )
+
+
 OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSection], torch.optim.Optimizer]] = {
     "adamw": _adamw,
+    "adamwspam": _adamwspam,
+    "adamwprune": _adamwprune,
     "adam": _adam,
     "sgd": _sgd,
 }
@@ -69,5 +113,6 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimize
     try:
         builder = OPTIMIZER_BUILDERS[cfg.optimizer]
     except KeyError:
-        raise ValueError(f"optimizer {cfg.optimizer!r} is not available; known: {sorted(OPTIMIZER_BUILDERS)}") from None
+        known = sorted(OPTIMIZER_BUILDERS)
+        raise ValueError(f"optimizer {cfg.optimizer!r} is not available; known: {known}") from None
     return builder(model, cfg)

@@ -157,7 +157,11 @@ class Trainer:
             x = torch.randint(0, self.gpt_config.vocab_size, (B, T + 1), generator=gen).to(self.device)
             return x[:, :-1], x[:, 1:]
 
-        loss = self.step_fn(random_batch, lr=self.cfg.optim.learning_rate).loss
+        accumulation, self.step_fn.accumulation = self.step_fn.accumulation, 1  # one micro-batch is enough
+        try:
+            loss = self.step_fn(random_batch, lr=self.cfg.optim.learning_rate).loss
+        finally:
+            self.step_fn.accumulation = accumulation
         loss_value = float(loss) * 1.0
         if not math.isfinite(loss_value):
             raise UserError(f"dry run produced a non-finite loss ({loss_value})")

@@ -1,0 +1,44 @@
+"""When to prune and how much: a cubic ramp from the end of the warm-up to the target, then hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SparsitySchedule:
+    """Sparsity after ``step`` completed optimizer steps.
+
+    ``0`` up to ``warmup``; ``target·p³`` with ``p = (step − warmup)/(ramp_end − warmup)`` in
+    between; ``target`` from ``ramp_end`` on. Masks are updated every ``frequency`` steps during
+    the ramp and once more at ``ramp_end``, so the target is reached exactly there (the earlier
+    system ended the ramp at the last step and updated only on multiples of 50, so it stopped
+    short of the target).
+    """
+
+    target: float
+    warmup: int
+    ramp_end: int
+    frequency: int = 50
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target < 1.0:
+            raise ValueError(f"target sparsity must be in [0, 1), got {self.target}")
+        if self.warmup < 0 or self.ramp_end <= self.warmup:
+            raise ValueError(f"need 0 <= warmup < ramp_end, got {self.warmup} and {self.ramp_end}")
+        if self.frequency < 1:
+            raise ValueError(f"frequency must be >= 1, got {self.frequency}")
+
+    def sparsity_at(self, step: int) -> float:
+        if step <= self.warmup:
+            return 0.0
+        if step >= self.ramp_end:
+            return self.target
+        p = (step - self.warmup) / (self.ramp_end - self.warmup)
+        return self.target * p**3
+
+    def due(self, step: int, applied: float) -> bool:
+        """Whether the masks should be updated after ``step``, when they prune ``applied`` now."""
+        if self.sparsity_at(step) <= applied:
+            return False
+        return step % self.frequency == 0 or step >= self.ramp_end

@@ -1,0 +1,232 @@
+"""Ablation mode (reference §10, fixed): isolation, crash isolation, skip/resume, seeds, summary files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gpt2.trainer.run as run_module
+from gpt2.cli import parse
+from gpt2.config import resolve
+from gpt2.errors import UserError
+from gpt2.trainer.ablation import run_ablation
+from gpt2.trainer.extensions.unified_ra import UnifiedRAExtension
+from gpt2.trainer.loop import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small local text folder (about 40k tokens); the trainer prepares it on first use."""
+    words = ("the quick brown fox jumps over a lazy dog while seven kings sing of old rivers and "
+             "bright stars under the cold moon").split()
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = (" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) + "." for i in range(3000))
+    (folder / "a.txt").write_text("\n".join(lines))
+    return folder
+
+
+# A 2-layer, 2-head, 32-wide model: each step is cheap, and head_dim 16 fits every V-step's R.
+MODEL = ["--model-name", "tiny", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
+         "--batch-size", "4", "--architecture", "unified-ra", "--ablation-mode"]
+
+
+def tiny_args(corpus: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        *MODEL, "--eval-samples", "2", "--dataset", str(corpus), "--data-dir", str(tmp_path / "data"),
+        "--output-dir", str(tmp_path / "out"), "--sample-tokens", "0", *extra,
+    ]
+
+
+# ----------------------------------------------------------------------------- with a fake trainer
+
+
+def fake_trainer(monkeypatch, losses: dict[tuple[str, int], float], fail: set[str] = frozenset()) -> list:
+    """Replace train_once by a stand-in that writes results.json/metrics.jsonl; returns the configs it got."""
+    received = []
+
+    def train_once(c):
+        received.append(c)
+        step, seed = c.model.ra_step, c.train.seed
+        c.train.max_iters = 999  # a trainer that mutates its config must not affect the next step
+        if step in fail:
+            raise RuntimeError(f"boom in {step}")
+        out = Path(c.output.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        loss = losses[(step, seed)]
+        records = [
+            {"step": 0, "tokens": 0, "elapsed_s": 0.0, "val_loss": loss + 1.0},
+            {"step": 10, "tokens": 1280, "elapsed_s": 1.0, "train_loss": loss, "ms_per_step": 100.0,
+             "tokens_per_s": 1280.0},
+            {"step": 10, "tokens": 1280, "elapsed_s": 1.1, "val_loss": loss},
+        ]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        results = {"final_val_loss": loss, "best_val_loss": loss, "iters": 10, "tokens_seen": 1280,
+                   "n_params": 1000, "wall_time_s": 1.1, "peak_memory_bytes": 1, "stop_reason": "max_iters"}
+        (out / "results.json").write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr(run_module, "train_once", train_once)
+    return received
+
+
+def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp_path, monkeypatch) -> None:
+    cfg = resolve(dict(architecture="unified-ra", ablation_mode=True, ablation_steps="V2,V7,V0",
+                       model_name="tiny", output_dir=str(tmp_path / "out"), max_iters=50))
+    before = cfg.to_dict()
+    received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V2", "V7", "V0")})
+    run_ablation(cfg)
+    assert cfg.to_dict() == before
+    assert [c.model.ra_step for c in received] == ["V2", "V7", "V0"]
+    assert len({id(c) for c in received}) == 3
+    for c in received:
+        assert c.model.architecture == "unified-ra" and c.train.seed == 1337
+        assert c.output.output_dir == str(tmp_path / "out" / c.model.ra_step)
+        assert c.output.resume == "auto" and c.output.save_checkpoint and not c.ablation.ablation_mode
+    # each was handed the original budget although the previous "trainer" changed its own copy
+    assert {c.model.ra_step: c.train.max_iters for c in received} == {"V2": 999, "V7": 999, "V0": 999}
+    assert all(c is not cfg for c in received)
+    models = {c.model.ra_step: UnifiedRAExtension.from_config(c).model_config(c.gpt_config())
+              for c in received}
+    assert models["V2"].self_restart and not models["V7"].self_restart  # no leak from V2 into V7
+    assert models["V7"].ra_rank == 8 and models["V0"].attention == "standard"
+
+
+def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path, monkeypatch) -> None:
+    cfg = resolve(dict(architecture="unified-ra", ablation_mode=True, ablation_steps="V0,V1,V3",
+                       model_name="tiny", output_dir=str(tmp_path)))
+    received = fake_trainer(monkeypatch, {("V0", 1337): 3.0, ("V3", 1337): 2.5}, fail={"V1"})
+    with pytest.raises(UserError, match=r"1 of 3 ablation runs failed \(V1 \(seed 1337\): RuntimeError"):
+        run_ablation(cfg)  # exits non-zero, but only after the other steps ran and the summary is written
+    summary = json.loads((tmp_path / "ablation_summary.json").read_text())
+    assert [c.model.ra_step for c in received] == ["V0", "V1", "V3"]
+    status = {r["step"]: r["status"] for r in summary["runs"]}
+    assert status == {"V0": "done", "V1": "failed", "V3": "done"}
+    assert "boom in V1" in (tmp_path / "ablation_summary.md").read_text()
+    v3 = next(a for a in summary["by_step"] if a["step"] == "V3")
+    assert v3["delta_val_loss_vs_V0"] == pytest.approx(-0.5)
+
+
+def test_finished_steps_are_skipped_and_signal_stopped_ones_run_again(tmp_path, monkeypatch) -> None:
+    cfg = resolve(dict(architecture="unified-ra", ablation_mode=True, ablation_steps="V0,V1,V3",
+                       model_name="tiny", output_dir=str(tmp_path)))
+    received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V0", "V1", "V3")})
+    run_ablation(cfg)
+    v1 = tmp_path / "V1" / "results.json"
+    v1.write_text(json.dumps({**json.loads(v1.read_text()), "stop_reason": "signal SIGTERM"}))
+    received.clear()
+    summary = run_ablation(cfg)
+    assert [c.model.ra_step for c in received] == ["V1"]
+    assert [r["status"] for r in summary["runs"]] == ["done"] * 3
+
+
+def test_seeds_give_mean_std_and_a_paired_noise_test(tmp_path, monkeypatch) -> None:
+    cfg = resolve(dict(architecture="unified-ra", ablation_mode=True, ablation_steps="V0,V1,V3",
+                       ablation_seeds=3, seed=10, model_name="tiny", output_dir=str(tmp_path)))
+    v0 = {10: 3.00, 11: 3.20, 12: 2.90}
+    losses = {("V0", s): v for s, v in v0.items()}
+    losses |= {("V1", s): v - 0.10 + d for (s, v), d in zip(v0.items(), (0.002, -0.001, -0.001))}  # real gain
+    losses |= {("V3", s): v + d for (s, v), d in zip(v0.items(), (0.09, -0.05, 0.02))}  # +0.02, within noise
+    received = fake_trainer(monkeypatch, losses)
+    summary = run_ablation(cfg)
+    assert len(received) == 9
+    assert (tmp_path / "V1" / "seed11" / "results.json").exists()
+    by = {a["step"]: a for a in summary["by_step"]}
+    assert by["V0"]["final_val_loss"] == pytest.approx(9.1 / 3)
+    assert by["V0"]["final_val_loss_std"] == pytest.approx(0.152752523, rel=1e-6)
+    assert by["V1"]["delta_val_loss_vs_V0"] == pytest.approx(-0.1)
+    assert by["V1"]["beyond_seed_noise"] is True
+    assert by["V3"]["beyond_seed_noise"] is False
+    assert by["V0"]["beyond_seed_noise"] is None
+    md = (tmp_path / "ablation_summary.md").read_text()
+    assert "± " in md and "paired t-test" in md
+    rows = (tmp_path / "ablation_summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 9 and rows[0].startswith("step,seed,status,final_val_loss")
+
+
+def test_dry_run_builds_and_steps_each_model_without_data_or_files(tmp_path, capsys) -> None:
+    cfg = parse([*MODEL, "--output-dir", str(tmp_path / "out"), "--ablation-steps", "V0,V4,V10", "--dry-run"])
+    summary = run_ablation(cfg)
+    assert [r["status"] for r in summary["runs"]] == ["dry-run"] * 3
+    v0, v4, v10 = (r["n_params"] for r in summary["runs"])
+    L, H, C = 2, 2, 32
+    assert v4 - v0 == L * (2 * H + 2 + 64 * 64 + 64)  # RA gates, R-MLP gates, mixer (R_ff=64) with bias
+    assert v10 - v0 == L * (3 * H + 2 * C * 2 * C + 2 * C)  # RA gates + restart alpha, 4x -> 6x MLP
+    assert not (tmp_path / "out").exists()
+    assert "3/3 steps ok" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- real runs on CPU
+
+
+def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
+    corpus, tmp_path, monkeypatch
+) -> None:
+    """Kill -9 during V1; the rerun trains only the rest of V1 (from its checkpoint) and writes a summary."""
+    args = tiny_args(corpus, tmp_path, "--ablation-steps", "V0,V1", "--max-iters", "24",
+                     "--eval-interval", "12", "--checkpoint-interval", "4", "--quiet")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "gpt2/train.py", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not (out / "V1" / "checkpoint_last.pt").exists():
+            assert proc.poll() is None, f"ablation ended before V1 saved: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no V1 checkpoint within 120 s"
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "V1" / "results.json").exists(), "V1 finished before the kill: the test proves nothing"
+    v0_results = out / "V0" / "results.json"
+    v0_before = (v0_results.read_bytes(), v0_results.stat().st_mtime_ns)
+    assert not (out / "V0" / "checkpoint_last.pt").exists()  # resume-only checkpoints go once a step is done
+
+    trained, restored = [], []
+    real_train_once, real_restore = run_module.train_once, Trainer._restore
+    monkeypatch.setattr(run_module, "train_once",
+                        lambda c: trained.append(c.model.ra_step) or real_train_once(c)
+                        )
+    monkeypatch.setattr(Trainer, "_restore", lambda t, state, path: restored.append((path, state["step"]))
+                        or real_restore(t, state, path))
+    summary = run_ablation(parse(args))
+
+    assert trained == ["V1"]
+    assert (v0_results.read_bytes(), v0_results.stat().st_mtime_ns) == v0_before
+    assert len(restored) == 1 and restored[0][0] == out / "V1" / "checkpoint_last.pt" and restored[0][1] >= 4
+    results = {s: json.loads((out / s / "results.json").read_text()) for s in ("V0", "V1")}
+    assert results["V1"]["iters"] == 24 and results["V1"]["ra_step"] == "V1"
+
+    saved = json.loads((out / "ablation_summary.json").read_text())
+    assert saved["steps"] == ["V0", "V1"] == [a["step"] for a in summary["by_step"]]
+    for row in saved["runs"]:
+        r = results[row["step"]]
+        assert row["status"] == "done"
+        assert row["final_val_loss"] == r["final_val_loss"] and row["n_params"] == r["n_params"]
+        assert row["tokens_seen"] == 24 * 4 * 32 and row["ms_per_step"] > 0 and row["tokens_per_s"] > 0
+    v1 = saved["by_step"][1]
+    assert v1["n_params"] - saved["by_step"][0]["n_params"] == 2 * 2 * 2  # gates only: 2 per head and layer
+    delta = results["V1"]["final_val_loss"] - results["V0"]["final_val_loss"]
+    assert v1["delta_val_loss_vs_V0"] == pytest.approx(delta)
+    md = (out / "ablation_summary.md").read_text()
+    assert "| V0 |" in md and "| V1 |" in md and f"{results['V1']['final_val_loss']:.4f}" in md
+    assert len((out / "ablation_summary.csv").read_text().splitlines()) == 3
+    for png in ("loss_vs_tokens.png", "loss_vs_time.png"):  # val loss of both steps, by gpt2.track.report
+        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "V1" in (out / "report" / "report.html").read_text()
+    # gate analysis of the RA step: in every evaluation record, and plotted
+    evals = [json.loads(line) for line in (out / "V1" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 12, 24]
+    assert all("gates/attn_w_rec_mean" in r and "gates/L1/attn_w_std_h1" in r for r in evals)
+    assert (out / "V1" / "gates.png").exists() and not (out / "V0" / "gates.png").exists()
+    assert results["V1"]["final_gates"]["gates/attn_w_std_mean"] == evals[-1]["gates/attn_w_std_mean"]
