@@ -1,0 +1,72 @@
+"""Optimizer and pruning flags: derived defaults, refusals, and what the factory builds from them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2.config import resolve
+from gpt2.errors import ConfigError
+from gpt2.model import GPT, GPTConfig
+from gpt2.optim import build_optimizer
+from gpt2.optim.adamwprune import AdamWPrune
+from gpt2.optim.spam import AdamWSPAM
+
+
+def cfg(**values):
+    return resolve({"model_name": "tiny", **values})
+
+
+def test_ramp_end_defaults_to_most_of_the_run():
+    c = cfg(pruning_method="magnitude", max_iters=1000, pruning_warmup=100)
+    assert c.pruning.pruning_ramp_end == 800
+
+
+@pytest.mark.parametrize(("variant", "iters"), [("bitter0", 10000), ("bitter2", 12100), ("bitter3", 13000)])
+def test_variant_iteration_bump_only_without_explicit_max_iters(variant, iters):
+    values = dict(optimizer="adamwprune", pruning_method="state", adamwprune_variant=variant)
+    c = resolve({"model_name": "tiny", **values}, explicit=set(values))
+    assert c.train.max_iters == iters
+    assert c.pruning.pruning_ramp_end == 8000  # the ramp keeps the un-extended length
+    given = cfg(optimizer="adamwprune", pruning_method="state", adamwprune_variant=variant, max_iters=10000)
+    assert given.train.max_iters == 10000
+
+
+def test_adamwprune_hyperparameters_default_to_the_general_ones():
+    c = cfg(optimizer="adamwprune", pruning_method="state", beta2=0.95, weight_decay=0.05)
+    assert (c.optim.adamwprune_beta2, c.optim.adamwprune_weight_decay) == (0.95, 0.05)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (dict(optimizer="adamwspam", spam_interval=100, spam_warmup_steps=100), "never leaves"),
+        (dict(optimizer="adamw", spam_enable_clip=True), "needs --optimizer adamwspam"),
+        (dict(optimizer="adamw", adamwprune_variant="bitter3"), "needs --optimizer adamwprune"),
+        (dict(pruning_frequency=10), "needs --pruning-method"),
+        (dict(pruning_method="magnitude", max_iters=100), "must be below the pruning ramp end"),
+        (dict(pruning_method="magnitude", max_iters=2000, pruning_ramp_end=3000), "never be reached"),
+        (dict(pruning_method="state"), "needs --optimizer adamwprune"),
+        (dict(pruning_method="magnitude", parallel="fsdp"), "use --parallel ddp"),
+    ],
+)
+def test_inconsistent_flags_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg(**values)
+
+
+def test_factory_builds_spam_and_adamwprune_with_the_flags():
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    spam = build_optimizer(model, cfg(optimizer="adamwspam", spam_interval=500, spam_enable_clip=True).optim)
+    assert isinstance(spam, AdamWSPAM)
+    assert (spam.interval, spam.warmup_steps, spam.enable_clip) == (500, 100, True)
+    assert [g["weight_decay"] for g in spam.param_groups] == [0.1, 0.0]  # decay on >= 2-D weights only
+    prune = build_optimizer(model, cfg(optimizer="adamwprune", pruning_method="state").optim)
+    assert isinstance(prune, AdamWPrune) and prune.interval == 0 and not prune.enable_clip  # AdamW base
+    assert [g["weight_decay"] for g in prune.param_groups] == [0.1, 0.0]  # not silently 0
+    assert len(prune.masks) == 8 and all(m.dtype == torch.bool for m in prune.masks.masks)
+    on_spam = build_optimizer(
+        model,
+        cfg(optimizer="adamwprune", pruning_method="state", adamwprune_base_optimizer_name="adamwspam").optim,
+    )
+    assert on_spam.interval == 1000

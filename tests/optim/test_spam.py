@@ -1,0 +1,143 @@
+"""AdamWSPAM against hand-computed steps: the AdamW core, spike clipping, moment reset, re-warmup."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpt2.optim.spam import AdamWSPAM, rewarmup_multiplier
+
+B1, B2, EPS = 0.9, 0.999, 1e-8
+
+
+def adamw_by_hand(p0: list[float], grads: list[list[float]], lr: float, wd: float) -> list[float]:
+    """Loshchilov & Hutter's AdamW on floats: decay, then the bias-corrected Adam step."""
+    out = []
+    for i, p in enumerate(p0):
+        m = v = 0.0
+        for t, g in enumerate((step[i] for step in grads), start=1):
+            p *= 1 - lr * wd
+            m = B1 * m + (1 - B1) * g
+            v = B2 * v + (1 - B2) * g * g
+            p -= lr * (m / (1 - B1**t)) / (math.sqrt(v / (1 - B2**t)) + EPS)
+        out.append(p)
+    return out
+
+
+def run(opt_cls, grads, **kw) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = opt_cls([p], **kw)
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+    return p, opt
+
+
+GRADS = [[0.1, -0.2], [0.3, 0.05], [-0.1, 0.4]]
+
+
+def test_adamw_core_matches_the_hand_computed_three_steps():
+    p, _ = run(AdamWSPAM, GRADS, lr=0.1, weight_decay=0.1, interval=0)
+    assert p.tolist() == pytest.approx(adamw_by_hand([1.0, -2.0], GRADS, lr=0.1, wd=0.1), rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_with_spam_off_it_is_torch_adamw_bit_for_bit(impl, amsgrad):
+    kw = dict(lr=0.1, weight_decay=0.1, amsgrad=amsgrad, **impl)
+    ours, _ = run(AdamWSPAM, GRADS, interval=0, **kw)
+    theirs, _ = run(torch.optim.AdamW, GRADS, **kw)
+    assert torch.equal(ours, theirs)
+
+
+def test_spike_is_clipped_to_sqrt_theta_v_once_v_exists():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = AdamWSPAM([p], lr=1e-3, weight_decay=0.0, theta=50.0, interval=0, enable_clip=True)
+    p.grad = torch.tensor([1.0, -1.0, 1.0e6])  # step 1: no v yet, nothing is clipped
+    opt.step()
+    assert p.grad.tolist() == [1.0, -1.0, 1.0e6]
+    v = opt.state[p]["exp_avg_sq"].clone()  # (1 - 0.999) * g^2 = [0.001, 0.001, 1e9]
+    p.grad = torch.tensor([1000.0, -1000.0, 0.1])  # planted spikes in the first two entries
+    opt.step()
+    thr = math.sqrt(50.0 * (0.001 + 1e-12))  # 0.2236...
+    assert p.grad.tolist() == pytest.approx([thr, -thr, 0.1], rel=1e-6)
+    clipped = torch.tensor([thr, -thr, 0.1])
+    assert torch.allclose(opt.state[p]["exp_avg_sq"], B2 * v + (1 - B2) * clipped**2, rtol=1e-6)
+
+
+def test_rewarmup_multiplier_values():
+    # interval 4, warmup 2: resets at steps 4 and 8 set warmup_until to 6 and 10
+    until = {4: 6, 5: 6, 6: 6, 7: 6, 8: 10, 9: 10, 10: 10}
+    got = [rewarmup_multiplier(t, until.get(t, 0), 2) for t in range(1, 11)]
+    assert got == pytest.approx([1.0, 1.0, 1.0, 1e-3, 0.5, 1.0, 1.0, 1e-3, 0.5, 1.0], abs=1e-12)
+    # p = 1/4 of a 4-step warm-up: ½(1 − cos(π/4))
+    assert rewarmup_multiplier(5, 8, 4) == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))
+
+
+def spam_by_hand(grads: list[float], lr: float, interval: int, warmup: int) -> list[tuple[float, ...]]:
+    """(p, m, v) after each step of SPAM on one float: reset at t % interval == 0, then re-warmup."""
+    p, m, v, until, out = 0.0, 0.0, 0.0, 0, []
+    for t, g in enumerate(grads, start=1):
+        if t % interval == 0:
+            m = v = 0.0
+            until = t + warmup
+        scale = 1.0
+        if t < until:
+            scale = max(1e-3, 0.5 * (1 - math.cos(math.pi * (warmup - (until - t)) / warmup)))
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        p -= lr * scale * (m / (1 - B1**t)) / (math.sqrt(v / (1 - B2**t)) + EPS)
+        out.append((p, m, v))
+    return out
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_moments_reset_at_every_interval_and_the_lr_rewarms(amsgrad):
+    grads = [1.0, 0.5, -0.25, 2.0, 1.0, 0.5, 1.0, -1.0, 0.75]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = AdamWSPAM([p], lr=0.01, weight_decay=0.0, interval=4, warmup_steps=2, amsgrad=amsgrad)
+    expected = spam_by_hand(grads, lr=0.01, interval=4, warmup=2)
+    for t, (g, (p_t, m_t, v_t)) in enumerate(zip(grads, expected), start=1):
+        p.grad = torch.tensor([g])
+        opt.step()
+        st = opt.state[p]
+        assert st["exp_avg"].item() == pytest.approx(m_t, rel=1e-6), t
+        assert st["exp_avg_sq"].item() == pytest.approx(v_t, rel=1e-6), t
+        if not amsgrad:  # AMSGrad changes the denominator, so p follows the hand oracle only without it
+            assert p.item() == pytest.approx(p_t, rel=1e-5, abs=1e-9), t
+        if amsgrad and t % 4 == 0:  # the running maximum restarts with the moments
+            assert st["max_exp_avg_sq"].item() == pytest.approx(v_t, rel=1e-6)
+        assert opt.param_groups[0]["lr"] == 0.01  # the multiplier never leaks into the group
+    assert opt.spam["step"] == 9 and opt.spam["resets"] == 2  # one count per step, resets at 4 and 8
+
+
+def test_spike_detection_soft_resets_the_moments():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = AdamWSPAM([p], lr=1e-3, interval=0, spike_detection=True)
+    for t in range(11):
+        p.grad = torch.tensor([0.6, 0.8]) * (1.0 if t % 2 else 1.1)  # norms 1.1, 1.0, ...
+        opt.step()
+    assert opt.spam["spikes"] == 0
+    m, v = opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()
+    g = torch.tensor([6.0, 8.0])  # norm 10: far beyond 2 std of the last ten
+    p.grad = g.clone()
+    opt.step()
+    assert opt.spam["spikes"] == 1
+    assert torch.allclose(opt.state[p]["exp_avg"], B1 * 0.5 * m + (1 - B1) * g)
+    assert torch.allclose(opt.state[p]["exp_avg_sq"], B2 * 0.9 * v + (1 - B2) * g * g)
+
+
+def test_resume_mid_rewarmup_continues_the_same_trajectory():
+    grads = [[0.1, -0.2], [0.3, 0.05], [-0.1, 0.4], [0.2, 0.2], [0.5, -0.1], [0.05, 0.3]]
+    kw = dict(lr=0.1, weight_decay=0.1, interval=4, warmup_steps=3, enable_clip=True)
+    whole, _ = run(AdamWSPAM, grads, **kw)
+    first, opt = run(AdamWSPAM, grads[:5], **kw)  # stops inside the re-warm-up after the reset at 4
+    p = torch.nn.Parameter(first.detach().clone())
+    resumed = AdamWSPAM([p], **kw)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.spam["step"] == 5 and resumed.spam["warmup_until"] == 7
+    p.grad = torch.tensor(grads[5])
+    resumed.step()
+    assert torch.equal(p, whole)
