@@ -10,6 +10,7 @@ from torch import nn
 
 from gpt2.model.attention import ATTENTION
 from gpt2.model.config import GPTConfig
+from gpt2.model.loss import lm_loss
 from gpt2.model.mlp import MLP_VARIANTS
 
 
@@ -74,7 +75,7 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, C) final hidden states after ``ln_f``."""
         _, T = idx.shape
-        if T > self.config.block_size:
+        if self.config.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
@@ -91,8 +92,7 @@ class GPT(nn.Module):
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h)
-        logits = self.lm_head(h)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return lm_loss(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
 
     @torch.no_grad()
     def generate(
