@@ -191,3 +191,48 @@ def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(tiny_flags, tm
     single = dict(flags, output_dir=str(tmp_path / "fsdp"), max_iters=6, resume="auto")
     results = Trainer(resolve(single)).fit()
     assert results["iters"] == 6
+
+
+_MASK_DUMP = """
+import sys, torch
+from gpt2.config import resolve
+from gpt2.trainer.loop import Trainer
+from gpt2.trainer.run import extensions_for
+from gpt2.trainer.distributed import from_env, shutdown
+cfg = resolve(eval(sys.argv[1]))
+trainer = Trainer(cfg, extensions_for(cfg))
+trainer.fit()
+prune = next(e for e in trainer.extensions if e.name == "pruning")
+torch.save([m.clone() for m in prune.masks.masks], f"{cfg.output.output_dir}/masks_rank{from_env().rank}.pt")
+shutdown()
+"""
+
+
+def test_ddp_pruning_keeps_identical_masks_on_every_rank(tiny_flags, tmp_path) -> None:
+    out = tmp_path / "pruned"
+    flags = dict(
+        _flags(tiny_flags, out),
+        max_iters=12,
+        pruning_method="magnitude",
+        target_sparsity=0.5,
+        pruning_warmup=2,
+        pruning_frequency=2,
+        quiet=True,
+    )
+    script = tmp_path / "dump_masks.py"
+    script.write_text(_MASK_DUMP)
+    proc = subprocess.run(
+        [*TORCHRUN, "--nproc_per_node=2", "--master_port", str(_free_port()), str(script), repr(flags)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"masks_rank{r}.pt") for r in (0, 1))
+    assert len(r0) == len(r1) > 0
+    assert all(torch.equal(a, b) for a, b in zip(r0, r1))
+    pruned = sum(int((~m).sum()) for m in r0) / sum(m.numel() for m in r0)
+    assert abs(pruned - 0.5) < 0.005
