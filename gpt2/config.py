@@ -33,8 +33,7 @@ KNOWN_DATASETS = ("shakespeare", "finewebedu", "openwebtext")
 
 # Capabilities whose flags exist but whose implementation lands with a later issue (key -> issue).
 # Delete an entry when its capability is implemented; validation refuses the rest with exit 2.
-NOT_IMPLEMENTED: dict[str, int] = {
-}
+NOT_IMPLEMENTED: dict[str, int] = {}
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -56,7 +55,9 @@ class ModelSection:
     n_layer: int | None = opt(None, "override the preset's number of layers")
     n_head: int | None = opt(None, "override the preset's number of heads")
     n_embd: int | None = opt(None, "override the preset's embedding width")
-    block_size: int | None = opt(None, "context length in tokens (preset default: 1024 for GPT-2, 64 for tiny)")
+    block_size: int | None = opt(
+        None, "context length in tokens (preset default: 1024 for GPT-2, 64 for tiny)"
+    )
     dropout: float | None = opt(None, "dropout probability everywhere (preset default: 0.1 GPT-2, 0 tiny)")
     bias: bool = opt(True, "bias in Linear and LayerNorm layers (the earlier system could not turn it off)")
     ra_step: str | None = opt(
@@ -186,7 +187,8 @@ class PruningSection:
         "(unset: 0.8 x --max-iters; the earlier system ended it at the last step and fell short)",
     )
     pruning_frequency: int = opt(
-        50, "steps between mask updates during the ramp (the earlier magnitude pruner ignored it)",
+        50,
+        "steps between mask updates during the ramp (the earlier magnitude pruner ignored it)",
         aliases=("--adamwprune-frequency",),
     )
     prune_embeddings: bool = opt(
@@ -240,7 +242,9 @@ class OutputSection:
         0, "with --save-checkpoint, also keep the K most recent checkpoint_step_N.pt files"
     )
     overwrite: bool = opt(False, "start afresh in an output dir that holds another run's checkpoint")
-    resume: str | None = opt(None, "resume from a checkpoint PATH, or 'auto' (the output dir's last one if any)")
+    resume: str | None = opt(
+        None, "resume from a checkpoint PATH, or 'auto' (the output dir's last one if any)"
+    )
     json_output: str | None = opt(None, "also copy results.json to this path (legacy flag)")
     sample_tokens: int = opt(200, "tokens of text to sample and print at the end (0: none)")
 
@@ -525,7 +529,10 @@ def validate(cfg: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check(d.batch_size > 0, f"--batch-size must be positive, got {d.batch_size}")
-    _check(d.gradient_accumulation > 0, f"--gradient-accumulation must be positive, got {d.gradient_accumulation}")
+    _check(
+        d.gradient_accumulation > 0,
+        f"--gradient-accumulation must be positive, got {d.gradient_accumulation}",
+    )
     _check(bool(d.dataset.strip()), "--dataset must not be empty")
     if d.dataset not in KNOWN_DATASETS:
         _check(
@@ -556,7 +563,9 @@ def validate(cfg: RunConfig) -> None:
     )
     for name in ("log_interval", "eval_interval", "eval_samples"):
         _check(getattr(t, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(t, name)}")
-    _check(out.checkpoint_interval > 0, f"--checkpoint-interval must be positive, got {out.checkpoint_interval}")
+    _check(
+        out.checkpoint_interval > 0, f"--checkpoint-interval must be positive, got {out.checkpoint_interval}"
+    )
     _check(out.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0, got {out.keep_checkpoints}")
     _check(out.sample_tokens >= 0, f"--sample-tokens must be >= 0, got {out.sample_tokens}")
     _check(t.dtype in DTYPES, f"unknown --dtype {t.dtype!r}")
@@ -570,7 +579,10 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(t.max_bad_steps > 0, f"--max-bad-steps must be positive, got {t.max_bad_steps}")
     _check(
-        out.resume is not None or out.overwrite or t.dry_run or cfg.ablation.ablation_mode
+        out.resume is not None
+        or out.overwrite
+        or t.dry_run
+        or cfg.ablation.ablation_mode
         or not (Path(out.output_dir) / "checkpoint_last.pt").exists(),
         f"--output-dir {out.output_dir} holds another run's checkpoint: pass --resume auto to continue it "
         "or --overwrite to start afresh",

@@ -296,7 +296,12 @@ class Trainer:
         out: dict[str, float] = {}
         for split in ("train", "val"):
             losses = []
-            for x, y in self.data.eval_batches(split, self.cfg.train.eval_samples):
+            batches = self.data.eval_batches(split, self.cfg.train.eval_samples)
+            if self.log_to_console and sys.stderr.isatty():
+                from tqdm import tqdm
+
+                batches = tqdm(batches, total=self.cfg.train.eval_samples, desc=f"eval {split}", leave=False)
+            for x, y in batches:
                 with autocast(self.device, self.dtype):
                     losses.append(self.eval_model(x, y).float())
             t = torch.stack(losses)
