@@ -29,6 +29,7 @@ from gpt2.model.steps import get_step, parse_steps
 from gpt2.track.metrics import read_metrics, write_json_atomic
 from gpt2.track.report import write_report
 from gpt2.trainer import checkpoint
+from gpt2.trainer.distributed import from_env
 
 BASELINE = "V0"
 SUMMARY = "ablation_summary"
@@ -104,7 +105,7 @@ def _run_one(cfg: RunConfig, step: str, seed: int, out_dir: Path) -> dict[str, A
         return {**record, "status": "dry-run", "loss": results["loss"], "n_params": results["n_params"]}
     if _stopped_by_signal(results):
         return {**record, "status": "interrupted"}
-    if not cfg.output.save_checkpoint:  # checkpoints were only kept to resume this step
+    if not cfg.output.save_checkpoint and from_env().is_main:  # kept only to resume this step
         for name in (checkpoint.LAST, checkpoint.BEST):
             with contextlib.suppress(OSError):
                 (out_dir / name).unlink()
@@ -136,16 +137,22 @@ def run_ablation(cfg: RunConfig) -> dict[str, Any]:
         if failed:
             raise UserError(f"ablation dry run failed for {failures}")
         return {"runs": runs}
+    if not from_env().is_main:  # under torchrun every rank trains; rank 0 alone summarises
+        return {"runs": runs}
     summary = summarize(cfg, steps, seeds, runs)
     write_summary(out, summary)
     print(summary_markdown(summary))
     if runs[-1]["status"] == "interrupted":
-        print(f"ablation interrupted; rerun the same command to continue (finished steps are kept in {out})",
-              file=sys.stderr)
+        print(
+            f"ablation interrupted; rerun the same command to continue (finished steps are kept in {out})",
+            file=sys.stderr,
+        )
         raise KeyboardInterrupt
     if failed:
-        raise UserError(f"{len(failed)} of {len(runs)} ablation runs failed ({failures}); the others are in "
-                        f"{out / (SUMMARY + '.md')}")
+        raise UserError(
+            f"{len(failed)} of {len(runs)} ablation runs failed ({failures}); the others are in "
+            f"{out / (SUMMARY + '.md')}"
+        )
     return summary
 
 
@@ -154,8 +161,13 @@ def run_ablation(cfg: RunConfig) -> dict[str, Any]:
 
 def _run_row(run: dict[str, Any]) -> dict[str, Any]:
     """One (step, seed) row of the summary, from its results.json and metrics.jsonl."""
-    row: dict[str, Any] = {"step": run["step"], "seed": run["seed"], "status": run["status"],
-                           "description": get_step(run["step"]).description, "dir": run["dir"]}
+    row: dict[str, Any] = {
+        "step": run["step"],
+        "seed": run["seed"],
+        "status": run["status"],
+        "description": get_step(run["step"]).description,
+        "dir": run["dir"],
+    }
     if run["status"] != "done":
         row["error"] = run.get("error")
         return row
@@ -212,10 +224,23 @@ def summarize(
     per_step = []
     for step in steps:
         mine = [r for r in rows if r["step"] == step and r["status"] == "done"]
-        agg: dict[str, Any] = {"step": step, "description": get_step(step).description,
-                               "runs_done": len(mine), "runs": sum(r["step"] == step for r in rows)}
-        for key in ("final_val_loss", "best_val_loss", "final_val_ppl", "best_val_ppl", "tokens_seen",
-                    "tokens_per_s", "ms_per_step", "peak_memory_mib", "wall_time_s"):
+        agg: dict[str, Any] = {
+            "step": step,
+            "description": get_step(step).description,
+            "runs_done": len(mine),
+            "runs": sum(r["step"] == step for r in rows),
+        }
+        for key in (
+            "final_val_loss",
+            "best_val_loss",
+            "final_val_ppl",
+            "best_val_ppl",
+            "tokens_seen",
+            "tokens_per_s",
+            "ms_per_step",
+            "peak_memory_mib",
+            "wall_time_s",
+        ):
             agg[key], agg[f"{key}_std"] = _mean_std([r[key] for r in mine])
         agg["n_params"] = mine[0]["n_params"] if mine else None
         deltas = [r["delta_val_loss_vs_V0"] for r in mine if "delta_val_loss_vs_V0" in r]
@@ -235,8 +260,11 @@ def summarize(
         "by_step": per_step,
         "runs": rows,
         "model_name": cfg.model.model_name,
-        "budget": {"max_iters": cfg.train.max_iters, "max_time_s": cfg.train.max_time,
-                   "tokens_per_step": cfg.tokens_per_step},
+        "budget": {
+            "max_iters": cfg.train.max_iters,
+            "max_time_s": cfg.train.max_time,
+            "tokens_per_step": cfg.tokens_per_step,
+        },
         "dataset": cfg.data.dataset,
     }
 
@@ -259,7 +287,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"# Ablation summary ({s['model_name']}, dataset {s['dataset']})",
         "",
         f"Steps {', '.join(s['steps'])}; seeds {', '.join(map(str, s['seeds']))}; budget per run: "
-        f"{b['max_iters']} steps" + (f" or {b['max_time_s']:g} s" if b["max_time_s"] else "")
+        f"{b['max_iters']} steps"
+        + (f" or {b['max_time_s']:g} s" if b["max_time_s"] else "")
         + f", {b['tokens_per_step']:,} tokens/step. ms/step is the median over log windows (evaluation "
         "excluded); tokens/s follows from it. Peak memory: CUDA peak per run; on CPU the process's "
         "peak RSS so far. "
@@ -291,9 +320,26 @@ def summary_markdown(s: dict[str, Any]) -> str:
 
 
 CSV_FIELDS = (
-    "step", "seed", "status", "final_val_loss", "best_val_loss", "final_val_ppl", "best_val_ppl",
-    "delta_val_loss_vs_V0", "iters", "tokens_seen", "wall_time_s", "ms_per_step", "ms_per_step_vs_V0",
-    "tokens_per_s", "peak_memory_mib", "n_params", "stop_reason", "error", "dir", "description",
+    "step",
+    "seed",
+    "status",
+    "final_val_loss",
+    "best_val_loss",
+    "final_val_ppl",
+    "best_val_ppl",
+    "delta_val_loss_vs_V0",
+    "iters",
+    "tokens_seen",
+    "wall_time_s",
+    "ms_per_step",
+    "ms_per_step_vs_V0",
+    "tokens_per_s",
+    "peak_memory_mib",
+    "n_params",
+    "stop_reason",
+    "error",
+    "dir",
+    "description",
 )
 
 

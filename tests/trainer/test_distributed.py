@@ -236,3 +236,19 @@ def test_ddp_pruning_keeps_identical_masks_on_every_rank(tiny_flags, tmp_path) -
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))
     pruned = sum(int((~m).sum()) for m in r0) / sum(m.numel() for m in r0)
     assert abs(pruned - 0.5) < 0.005
+
+
+def test_ablation_mode_under_torchrun(tiny_flags, tmp_path) -> None:
+    flags = dict(
+        _flags(tiny_flags, tmp_path / "abl"),
+        architecture="unified-ra",
+        ablation_mode=True,
+        ablation_steps="V0,V1",
+        max_iters=4,
+    )
+    flags.pop("save_checkpoint")
+    flags.pop("checkpoint_interval")
+    _torchrun(flags)
+    summary = json.loads((tmp_path / "abl" / "ablation_summary.json").read_text())
+    assert [r["step"] for r in summary["by_step"]] == ["V0", "V1"]
+    assert [r["status"] for r in summary["runs"]] == ["done", "done"]
