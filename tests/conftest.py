@@ -41,10 +41,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-@pytest.fixture
-def tiny_flags(corpus_dir: Path, data_dir: Path, tmp_path: Path) -> dict:
+def tiny_run_flags(corpus_dir: Path, data_dir: Path, output_dir: Path | None = None, **overrides) -> dict:
     """Settings of a tiny CPU run on the local corpus, as RunConfig field values."""
-    return dict(
+    flags = dict(
         model_name="tiny",
         n_layer=2,
         block_size=32,
@@ -55,11 +54,18 @@ def tiny_flags(corpus_dir: Path, data_dir: Path, tmp_path: Path) -> dict:
         eval_samples=2,
         dataset=str(corpus_dir),
         data_dir=str(data_dir),
-        output_dir=str(tmp_path / "out"),
         device="cpu",
         quiet=True,
         sample_tokens=0,
     )
+    if output_dir is not None:
+        flags["output_dir"] = str(output_dir)
+    return flags | overrides
+
+
+@pytest.fixture
+def tiny_flags(corpus_dir: Path, data_dir: Path, tmp_path: Path) -> dict:
+    return tiny_run_flags(corpus_dir, data_dir, tmp_path / "out")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,6 +16,7 @@ from gpt2.trainer.extension import Extension
 from gpt2.trainer.extensions.pruning import PruningExtension
 from gpt2.trainer.loop import Trainer
 from gpt2.trainer.run import extensions_for
+from tests.conftest import tiny_run_flags
 
 METHODS = {
     "magnitude": dict(pruning_method="magnitude"),
@@ -63,20 +64,12 @@ def run(flags: dict, stop_at: int | None = None, **over) -> tuple[Trainer, Pruni
 
 
 def flags_for(method: str, corpus_dir: Path, data_dir: Path) -> dict:
-    return dict(
-        model_name="tiny",
-        n_layer=2,
-        block_size=32,
-        batch_size=4,
+    return tiny_run_flags(
+        corpus_dir,
+        data_dir,
         max_iters=40,
         log_interval=10,
         eval_interval=20,
-        eval_samples=2,
-        dataset=str(corpus_dir),
-        data_dir=str(data_dir),
-        device="cpu",
-        quiet=True,
-        sample_tokens=0,
         target_sparsity=0.5,
         pruning_warmup=5,
         pruning_frequency=5,

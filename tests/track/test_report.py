@@ -17,6 +17,7 @@ import pytest
 from gpt2.config import resolve
 from gpt2.track.report import fmt_count, fmt_params, main
 from gpt2.trainer.run import train_once
+from tests.conftest import tiny_run_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,11 +29,7 @@ def two_runs(corpus_dir: Path, data_dir: Path, tmp_path_factory) -> dict[str, Pa
     """Two tiny CPU runs (conftest's ``tiny_flags``, which is function-scoped): a plain one and a
     magnitude-pruned one with another learning rate."""
     root = tmp_path_factory.mktemp("runs")
-    flags = dict(
-        model_name="tiny", n_layer=2, block_size=32, batch_size=4, max_iters=8, log_interval=2,
-        eval_interval=4, eval_samples=2, dataset=str(corpus_dir), data_dir=str(data_dir),
-        device="cpu", quiet=True, sample_tokens=0,
-    )  # fmt: skip
+    flags = tiny_run_flags(corpus_dir, data_dir)
     variants = {
         "plain": {},
         "pruned": dict(pruning_method="magnitude", pruning_warmup=2, pruning_frequency=2, target_sparsity=0.5,

@@ -22,6 +22,7 @@ from gpt2.config import resolve
 from gpt2.track import trackers as trackers_module
 from gpt2.track.trackers import Trackers, flatten_scalars, parse_tracker_names
 from gpt2.trainer.run import train_once
+from tests.conftest import tiny_run_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,22 +138,7 @@ def tracked_run(wandb_root: Path, corpus_dir: Path, data_dir: Path, tmp_path_fac
     """One tiny CPU run (the shared ``tiny_flags``, with Unified RA gates and magnitude pruning so that
     gate and sparsity keys flow) tracked by real offline wandb and by a trackio whose every log raises."""
     out = tmp_path_factory.mktemp("tracked") / "out"
-    flags = dict(
-        model_name="tiny",
-        n_layer=2,
-        block_size=32,
-        batch_size=4,
-        max_iters=8,
-        log_interval=2,
-        eval_interval=4,
-        eval_samples=2,
-        dataset=str(corpus_dir),
-        data_dir=str(data_dir),
-        output_dir=str(out),
-        device="cpu",
-        quiet=True,
-        sample_tokens=0,
-    )  # fmt: skip  (= conftest's tiny_flags, which is function-scoped)
+    flags = tiny_run_flags(corpus_dir, data_dir, out)
     flags.update(
         architecture="unified-ra", pruning_method="magnitude", pruning_warmup=2, pruning_frequency=2,
         target_sparsity=0.5, tracker="wandb,trackio", tracker_project="gpt2-tests",

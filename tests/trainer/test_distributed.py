@@ -48,6 +48,26 @@ def _flags(tiny_flags: dict, out: Path) -> dict:
     )
 
 
+def _torchrun(flags: dict, nproc: int = 2) -> None:
+    proc = subprocess.run(
+        [
+            *TORCHRUN,
+            f"--nproc_per_node={nproc}",
+            "--master_port",
+            str(_free_port()),
+            "gpt2/train.py",
+            *as_argv(flags),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 class _TwoRankStreams(Trainer):
     """One process that sees, per step, rank 0's micro-batch then rank 1's: DDP's global batch."""
 
@@ -72,23 +92,7 @@ class _TwoRankStreams(Trainer):
 def test_ddp_equals_single_process_with_same_global_batch(tiny_flags, tmp_path) -> None:
     ddp_out = tmp_path / "ddp"
     flags = _flags(tiny_flags, ddp_out)
-    proc = subprocess.run(
-        [
-            *TORCHRUN,
-            "--nproc_per_node=2",
-            "--master_port",
-            str(_free_port()),
-            "gpt2/train.py",
-            *as_argv(flags),
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(flags)
 
     single_out = tmp_path / "single"
     trainer = _TwoRankStreams(resolve(dict(_flags(tiny_flags, single_out), gradient_accumulation=2)))
@@ -146,26 +150,6 @@ def test_two_node_rendezvous_on_loopback(tiny_flags, tmp_path, nodes) -> None:
         assert p.returncode == 0, err[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["world_size"] == nodes and results["iters"] == 4
-
-
-def _torchrun(flags: dict, nproc: int = 2) -> None:
-    proc = subprocess.run(
-        [
-            *TORCHRUN,
-            f"--nproc_per_node={nproc}",
-            "--master_port",
-            str(_free_port()),
-            "gpt2/train.py",
-            *as_argv(flags),
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_fsdp_matches_ddp_and_its_checkpoint_loads_in_one_process(tiny_flags, tmp_path) -> None:
