@@ -216,7 +216,10 @@ class TrainSection:
     seed: int = opt(1337, "seed for init, dropout and data order")
     device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     dtype: str = opt(
-        "auto", "auto: bfloat16 autocast on CUDA (float16 if unsupported), float32 on CPU", choices=DTYPES
+        "auto",
+        "autocast dtype. auto: bfloat16 on CUDA (float16 if unsupported) and on CPUs with native "
+        "bf16 matmuls (AMX or AVX512-BF16), else float32",
+        choices=DTYPES,
     )
     log_interval: int | None = opt(None, "steps between train-loss logs")
     eval_interval: int | None = opt(None, "steps between evaluations")

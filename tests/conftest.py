@@ -55,6 +55,7 @@ def tiny_run_flags(corpus_dir: Path, data_dir: Path, output_dir: Path | None = N
         dataset=str(corpus_dir),
         data_dir=str(data_dir),
         device="cpu",
+        dtype="float32",  # exact equivalence tests; bf16 runs are tested where they are meant
         quiet=True,
         sample_tokens=0,
     )

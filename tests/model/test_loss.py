@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2.model import loss as lm
 
@@ -30,8 +31,60 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, monkey
     torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_no_gradient_work_without_grad() -> None:
-    h, w, t = torch.randn(8, 4), torch.randn(11, 4), torch.randint(0, 11, (8,))
-    with torch.no_grad():
+class _OpNames(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_gradient_work_under_no_grad() -> None:
+    """Evaluation (no_grad) of a model whose weights require grad must not compute gradients."""
+    h = torch.randn(8, 4, requires_grad=True)
+    w = torch.randn(11, 4, requires_grad=True)
+    t = torch.randint(0, 11, (8,))
+    with torch.no_grad(), _OpNames() as ops:
         out = lm.lm_loss(h, w, t)
-    torch.testing.assert_close(out, F.cross_entropy(h @ w.t(), t))
+    assert not {"exp_.default", "scatter_add_.default"} & set(ops.names), ops.names
+    with torch.no_grad():
+        torch.testing.assert_close(out, F.cross_entropy(h @ w.t(), t))
+    with _OpNames() as ops:  # the same call with grad enabled does the gradient work
+        lm.lm_loss(h, w, t)
+    assert "exp_.default" in ops.names
+
+
+def _autocast_reference(h, w, t):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = F.linear(h, w)
+    return F.cross_entropy(logits.float(), t, ignore_index=-1)
+
+
+@pytest.mark.parametrize(("chunk_rows", "group_rows"), [(7, 16), (64, 1024)])
+def test_bf16_chunked_loss_matches_autocast_cross_entropy(chunk_rows, group_rows, monkeypatch) -> None:
+    """Under CPU bf16 autocast: bf16 matmuls, fp32 softmax; the same as autocast's linear + CE."""
+    monkeypatch.setattr(lm, "CHUNK_BYTES", chunk_rows * 4 * 97)
+    monkeypatch.setattr(lm, "GROUP_ROWS", group_rows)
+    lm._group_buffers.clear()
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(97, 16, generator=g)).requires_grad_()
+    t = torch.randint(0, 97, (50,), generator=g)
+    t[[0, 9]] = -1
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm.lm_loss(h, w, t)
+    (3.0 * loss).backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = _autocast_reference(h, w, t)
+    (3.0 * ref).backward()
+
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)  # same bf16 logits, fp32 softmax
+    # gradients differ from autocast's only by where bf16 rounding happens (the logit gradient)
+    torch.testing.assert_close(gh, h.grad, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gw, w.grad, rtol=2e-2, atol=2e-3)
+    lm._group_buffers.clear()
