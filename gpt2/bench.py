@@ -65,7 +65,10 @@ def _worker(
     from gpt2.trainer.loop import Trainer
     from gpt2.trainer.run import extensions_for
 
-    values = {**PRESETS[preset], **CASES[case], **extra, "device": device, "quiet": True}
+    name, _, dtype = case.partition(":")
+    values = {**PRESETS[preset], **CASES[name], **extra, "device": device, "quiet": True}
+    if dtype:
+        values["dtype"] = dtype
     try:
         cfg = resolve(values)
     except ConfigError as e:
@@ -142,6 +145,7 @@ def _worker(
         "final_loss": float(loss),
         "n_params": trainer.n_params,
         "tokens_per_step": tokens,
+        "dtype": str(trainer.dtype).replace("torch.", ""),
         "device": str(trainer.device),
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
@@ -154,13 +158,13 @@ def _table(preset: str, rows: list[dict[str, Any]]) -> str:
     lines = [
         f"Preset `{preset}`: {json.dumps(PRESETS[preset])}",
         "",
-        "| case | ms/step | tokens/s | vs first | vs nanoGPT | MFU | peak memory | warm-up "
+        "| case | dtype | ms/step | tokens/s | vs first | vs nanoGPT | MFU | peak memory | warm-up "
         "| optimizer step | optimizer state | mask update |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['case']} | skipped: {r['skipped']} | | | | | | | | | |")
+            lines.append(f"| {r['case']} | | skipped: {r['skipped']} | | | | | | | | | |")
             continue
         upd = r.get("mask_update_ms")
         extra = (
@@ -171,13 +175,23 @@ def _table(preset: str, rows: list[dict[str, Any]]) -> str:
         vs_nano = NANOGPT_MS[preset] / r["ms_per_step"]
         m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         lines.append(
-            f"| {r['case']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.3f}x | "
+            f"| {r['case']} | {r['dtype']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.3f}x | "
             f"{vs_nano:.2f}x | {m} | {r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s |"
             + extra
         )
     lines.append("")
     lines.append(f"nanoGPT reference for this workload: {NANOGPT_MS[preset]} ms/step (published figure).")
     return "\n".join(lines)
+
+
+def _parse_value(raw: str) -> Any:
+    """``--set`` values: JSON where it parses (numbers, true, lists), else the bare string."""
+    if raw == "":
+        return True
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="workload; auto = gpt2-gpu on CUDA, tiny on CPU",
     )
-    p.add_argument("--cases", default="vanilla", help=f"comma list of {', '.join(CASES)}, or 'all'")
+    p.add_argument(
+        "--cases",
+        default="vanilla",
+        help=f"comma list of {', '.join(CASES)}, or 'all'; CASE:DTYPE (e.g. vanilla:bfloat16) "
+        "overrides the preset's dtype for that case",
+    )
     p.add_argument(
         "--steps", type=int, default=None, help="timed steps (default 20 on CPU tiny, 5 gpt2-cpu, 50 GPU)"
     )
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     for item in args.set:
         key, _, raw = item.partition("=")
-        extra[key.replace("-", "_")] = json.loads(raw) if raw not in ("", None) else True
+        extra[key.replace("-", "_")] = _parse_value(raw)
 
     preset = args.preset
     if preset == "auto":
@@ -226,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     cases = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASES]
+    from gpt2.config import DTYPES
+
+    unknown = [c for c in cases if c.partition(":")[0] not in CASES or c.partition(":")[2] not in ("", *DTYPES)]
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
     rows = []

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,16 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Any:
     if dtype is torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included); Linux only."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -117,7 +117,10 @@ class TokenBatches:
 
         The ``num_batches * batch_size * world_size`` windows are spread evenly over the split (they overlap
         only when that exceeds :meth:`num_eval_windows`); rank r takes every world_size-th, so ranks see
-        disjoint windows and all yield the same number of batches.
+        disjoint windows and all yield the same number of batches. Each batch takes every
+        ``num_batches``-th of a rank's windows, so every batch spans the whole split and the spread
+        of batch means estimates the standard error of the whole evaluation honestly (contiguous
+        batches would each see one stretch of text and inflate it with topic-to-topic variation).
         """
         data = self._split(split)
         count = num_batches * self.batch_size * self.world_size
@@ -128,7 +131,7 @@ class TokenBatches:
         starts = np.arange(count, dtype=np.int64) * last_start // max(count - 1, 1)
         mine = starts[self.rank :: self.world_size]
         for i in range(num_batches):
-            yield self._windows(data, mine[i * self.batch_size : (i + 1) * self.batch_size])
+            yield self._windows(data, mine[i::num_batches])
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training stream stands; only tensors, ints and str (``weights_only=True`` loads it)."""

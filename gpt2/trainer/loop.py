@@ -22,7 +22,14 @@ from gpt2.config import RunConfig
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer, lr_at
-from gpt2.runtime import autocast, configure_process, peak_memory_bytes, resolve_device, resolve_dtype
+from gpt2.runtime import (
+    autocast,
+    configure_process,
+    peak_memory_bytes,
+    process_age_s,
+    resolve_device,
+    resolve_dtype,
+)
 from gpt2.track.metrics import MetricsLog, environment, write_json_atomic
 from gpt2.track.perf import mfu
 from gpt2.track.trackers import Trackers, default_project, default_run_name
@@ -118,6 +125,7 @@ class Trainer:
         self.step = 0  # completed optimizer steps
         self.best_val_loss = math.inf
         self.train_time = 0.0  # seconds spent in fit(), summed over resumed segments
+        self.eval_time = 0.0  # seconds of it spent evaluating
         self.lr_scale = 1.0  # halved at each self-healing restart after non-finite steps
         self.consecutive_bad = 0
         self.bad_steps = 0  # non-finite steps skipped, over the whole run
@@ -229,6 +237,7 @@ class Trainer:
             "max_iters": self.max_iters,
             "best_val_loss": self.best_val_loss,
             "train_time": self.train_time,
+            "eval_time": self.eval_time,
             "lr_scale": self.lr_scale,
             "data": self.data.state_dict(),
             "rng": _rng_state(self.device),
@@ -263,6 +272,7 @@ class Trainer:
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
         self.train_time = float(state["train_time"])
+        self.eval_time = float(state.get("eval_time", 0.0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.data.load_state_dict(state["data"])
         _set_rng_state(state["rng"], self.device)
@@ -496,7 +506,10 @@ class Trainer:
         self._write(bar, f"restarted from {last} at step {self.step} with the LR scaled by {scale:g}")
 
     def _evaluate_and_log(self, metrics: MetricsLog, trackers: Trackers, bar: Any) -> dict[str, float]:
+        t0 = time.perf_counter()
         ev = self.evaluate()
+        eval_s = time.perf_counter() - t0
+        self.eval_time += eval_s
         is_best = ev["val_loss"] < self.best_val_loss
         if is_best:
             self.best_val_loss = ev["val_loss"]
@@ -506,14 +519,19 @@ class Trainer:
             "elapsed_s": self.train_time,
             **ev,
             "best_val_loss": self.best_val_loss,
+            "eval_s": eval_s,
         }
+        age = process_age_s()
+        if age is not None:
+            record["since_launch_s"] = age  # from the command's start, imports and data included
         metrics.write(record)
         trackers.log(
             {f"eval/{k}" if k.startswith("train_") else k: v for k, v in record.items()}, step=self.step
         )
         msg = (
             f"eval step {self.step}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f} "
-            f"± {ev['val_loss_se']:.4f} (ppl {ev['val_perplexity']:.1f}){' *best*' if is_best else ''}"
+            f"± {ev['val_loss_se']:.4f} (ppl {ev['val_perplexity']:.1f}, {eval_s:.1f} s)"
+            f"{' *best*' if is_best else ''}"
         )
         self._write(bar, msg)
         if is_best and self.cfg.output.save_checkpoint and self.step > 0:
@@ -534,6 +552,8 @@ class Trainer:
             "iters": self.step,
             "tokens_seen": tokens_seen,
             "wall_time_s": self.train_time,
+            "eval_time_s": self.eval_time,
+            "eval_fraction": self.eval_time / self.train_time if self.train_time > 0 else 0.0,
             "tokens_per_s": tokens_seen / self.train_time if self.train_time > 0 else 0.0,
             "last_window_tokens_per_s": tokens_per_s,
             "peak_memory_bytes": peak_memory_bytes(self.device),

@@ -96,8 +96,11 @@ def test_eval_batches_are_fixed_and_evenly_spaced(data_dir):
     second = list(tb.eval_batches("val", 3))
     assert len(first) == 3
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
-    starts = torch.cat([x[:, 0] for x, _ in first]).numpy() - 40000
+    starts = np.sort(torch.cat([x[:, 0] for x, _ in first]).numpy() - 40000)
     assert starts[0] == 0 and starts[-1] == N_VAL - T - 1  # spread over the whole split
+    for x, _ in first:  # each batch interleaves with the others over the whole split
+        own = x[:, 0].numpy() - 40000
+        assert own.min() < (N_VAL // 3) and own.max() > 2 * (N_VAL // 3)
     assert np.all(np.diff(starts) >= T)  # non-overlapping: 12 windows fit in 700 tokens
     for x, y in first:
         assert torch.equal(x[:, 1:], y[:, :-1])

@@ -439,3 +439,19 @@ def test_embedding_dropout_is_applied_before_the_first_block() -> None:
         handle.remove()
     zero_fraction = (seen[0] == 0).float().mean().item()
     assert abs(zero_fraction - p) < 0.05
+
+
+def test_short_bf16_cpu_attention_runs_in_fp32_and_matches_bf16_sdpa() -> None:
+    """The fp32 detour for short bf16 sequences on CPU gives bf16 SDPA's result, in bf16, with grads."""
+    from gpt2.model.attention import SHORT_BF16_CPU, CausalSelfAttention
+
+    attn = CausalSelfAttention(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=SHORT_BF16_CPU))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn.attend(q, k, v)
+    assert out.dtype == torch.bfloat16
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))

@@ -1,0 +1,44 @@
+"""The benchmark script runs its cases in subprocesses and writes a table with one row per case."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpt2 import bench
+from tests.conftest import REPO
+
+
+def test_set_values_parse_as_json_or_string() -> None:
+    assert bench._parse_value("3") == 3
+    assert bench._parse_value("true") is True
+    assert bench._parse_value("") is True
+    assert bench._parse_value("bfloat16") == "bfloat16"
+
+
+def test_bench_writes_one_row_per_case_with_its_dtype(tmp_path) -> None:
+    cmd = [
+        sys.executable, "-m", "gpt2.bench", "--preset", "tiny", "--cases", "vanilla,vanilla:bfloat16",
+        "--steps", "2", "--warmup", "1", "--set", "n_layer=1", "--set", "block_size=16",
+        "--set", "batch_size=2", "--device", "cpu", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["vanilla", "vanilla:bfloat16"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    for r in rows:
+        assert r["ms_per_step"] > 0 and r["tokens_per_step"] == 32 and r["final_loss"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| vanilla:bfloat16 | bfloat16 |" in md
+
+
+@pytest.mark.parametrize("case", ["nope", "vanilla:float8"])
+def test_unknown_case_is_a_usage_error(case, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--cases", case])
+    assert e.value.code == 2
+    assert "unknown case" in capsys.readouterr().err
