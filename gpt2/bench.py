@@ -175,7 +175,8 @@ def _table(preset: str, rows: list[dict[str, Any]]) -> str:
         vs_nano = NANOGPT_MS[preset] / r["ms_per_step"]
         m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         lines.append(
-            f"| {r['case']} | {r['dtype']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.3f}x | "
+            f"| {r['case']} | {r['dtype']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{ratio:.3f}x | "
             f"{vs_nano:.2f}x | {m} | {r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s |"
             + extra
         )
@@ -247,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
     from gpt2.config import DTYPES
 
-    unknown = [c for c in cases if c.partition(":")[0] not in CASES or c.partition(":")[2] not in ("", *DTYPES)]
+    unknown = [
+        c for c in cases if c.partition(":")[0] not in CASES or c.partition(":")[2] not in ("", *DTYPES)
+    ]
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
     rows = []

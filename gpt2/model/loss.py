@@ -56,7 +56,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             hx, wx = h.to(compute_dtype), weight.to(compute_dtype)
             total = torch.zeros((), dtype=torch.float32)
             grad_h = torch.empty_like(hx) if need_grad else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+            grad_w: torch.Tensor | None = None  # fp32; the first product initialises it (no zero fill)
             group = _group_buffer(vocab, compute_dtype) if need_grad and low else None
             for g0 in range(0, n, GROUP_ROWS):
                 g1 = min(n, g0 + GROUP_ROWS)
@@ -76,17 +76,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         torch.mm(gc, wx, out=grad_h[start:end])
                     else:
                         torch.mm(probs, wx, out=grad_h[start:end])
-                        grad_w.addmm_(probs.t(), hc)
+                        grad_w = probs.t() @ hc if grad_w is None else grad_w.addmm_(probs.t(), hc)
                 if need_grad and low:
-                    grad_w += torch.mm(group[: g1 - g0].t(), hx[g0:g1])
-            if need_grad:
-                ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype))
+                    part = torch.mm(group[: g1 - g0].t(), hx[g0:g1])
+                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
+            # Kept on ctx rather than saved: backward scales them in place (no 25 MB copy per
+            # step) and drops them, so a second backward fails loudly instead of scaling twice.
+            ctx.grads = (grad_h.to(h.dtype), grad_w.to(weight.dtype)) if need_grad else None
             return total / count
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("lm_loss: backward through the chunked loss can run only once")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None
 
 
 def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -97,8 +102,7 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tor
     caching allocator handle the logits well).
     """
     if h.device.type == "cpu" and weight.dtype == torch.float32:
-        import os
-        compute = torch.bfloat16 if os.environ.get('HEADBF') else torch.float32
+        compute = torch.float32
         if torch.is_autocast_enabled("cpu"):
             compute = torch.get_autocast_dtype("cpu")
         if compute in (torch.float32, torch.bfloat16):

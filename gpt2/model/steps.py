@@ -44,13 +44,17 @@ _STEPS = (
     Step("V3", "Unified RA R=4 + R-MLP (basic, R_ff=64)", {**_RMLP}),
     Step("V4", "Unified RA R=4 + R-MLP + mixer", {**_RMLP, "rmlp_mixer": True}),
     Step("V5", "Unified RA R=4 + R-MLP + gates", {**_RMLP, "rmlp_gates": True}),
-    Step("V6", "Unified RA R=4 + R-MLP + mixer + gates (all mechanisms)",
-         {**_RMLP, "rmlp_mixer": True, "rmlp_gates": True}),
+    Step(
+        "V6",
+        "Unified RA R=4 + R-MLP + mixer + gates (all mechanisms)",
+        {**_RMLP, "rmlp_mixer": True, "rmlp_gates": True},
+    ),
     Step("V7", "Unified RA, R=8 (higher capacity)", {**_RA, "ra_rank": 8}),
     Step("V8", "Unified RA R=8 + self-restart", {**_RA, "ra_rank": 8, "self_restart": True}),
     Step("V9", "Unified RA, R=2 (minimal capacity)", {**_RA, "ra_rank": 2}),
-    Step("V10", "Unified RA R=4 + self-restart + 6x MLP",
-         {**_RA, "self_restart": True, "mlp_expansion": 6.0}),
+    Step(
+        "V10", "Unified RA R=4 + self-restart + 6x MLP", {**_RA, "self_restart": True, "mlp_expansion": 6.0}
+    ),
 )
 STEPS: dict[str, Step] = {s.name: s for s in _STEPS}
 

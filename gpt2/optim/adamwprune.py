@@ -58,9 +58,19 @@ class AdamWPrune(AdamWSPAM):
         if variant not in VARIANTS:
             raise ValueError(f"unknown AdamWPrune variant {variant!r}; known: {', '.join(VARIANTS)}")
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, theta=theta,
-            interval=interval, warmup_steps=warmup_steps, enable_clip=enable_clip,
-            spike_detection=spike_detection, foreach=foreach, fused=fused,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            theta=theta,
+            interval=interval,
+            warmup_steps=warmup_steps,
+            enable_clip=enable_clip,
+            spike_detection=spike_detection,
+            foreach=foreach,
+            fused=fused,
         )
         self.variant = variant
         self.masks = MaskSet([])

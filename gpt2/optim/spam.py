@@ -96,8 +96,14 @@ class AdamWSPAM(torch.optim.AdamW):
         if interval < 0 or warmup_steps < 0:
             raise ValueError("interval and warmup_steps must be >= 0")
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            foreach=foreach, fused=fused,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            fused=fused,
         )
         self.theta = theta
         self.interval = interval

@@ -88,3 +88,13 @@ def test_bf16_chunked_loss_matches_autocast_cross_entropy(chunk_rows, group_rows
     torch.testing.assert_close(gh, h.grad, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(gw, w.grad, rtol=2e-2, atol=2e-3)
     lm._group_buffers.clear()
+
+
+def test_second_backward_fails_loudly() -> None:
+    """The gradients are scaled in place on the first backward; a second must not rescale them."""
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(9, 4, requires_grad=True)
+    loss = lm.lm_loss(h, w, torch.randint(0, 9, (6,)))
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()

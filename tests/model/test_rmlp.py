@@ -16,8 +16,17 @@ from gpt2.model.steps import apply_step
 
 def mlp_config(**overrides) -> GPTConfig:
     """64 wide, 4x -> 256 hidden channels, 16 of them reciprocal."""
-    cfg = dict(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True,
-               mlp="reciprocal", rmlp_rank=16)
+    cfg = dict(
+        block_size=32,
+        vocab_size=96,
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        dropout=0.0,
+        bias=True,
+        mlp="reciprocal",
+        rmlp_rank=16,
+    )
     cfg.update(overrides)
     return GPTConfig(**cfg)
 

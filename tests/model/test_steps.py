@@ -91,7 +91,11 @@ def test_steps_are_applied_on_the_base_never_on_each_other() -> None:
     assert chained == apply_step(cfg, "V7")
     assert not chained.self_restart and chained.mlp == "standard" and chained.mlp_expansion == 4.0
     assert (chained.n_layer, chained.n_embd, chained.block_size, chained.dropout, chained.bias) == (
-        3, 384, 256, 0.1, False
+        3,
+        384,
+        256,
+        0.1,
+        False,
     )
     fresh = GPTConfig(n_layer=3, n_head=6, n_embd=384, block_size=256, dropout=0.1, bias=False)
     assert apply_step(cfg, "V0") == fresh

@@ -16,8 +16,16 @@ from gpt2.model.steps import apply_step
 
 def ra_config(**overrides) -> GPTConfig:
     """4 heads of D=16 channels, 64 wide, 2 layers."""
-    cfg = dict(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True,
-               attention="unified_ra")
+    cfg = dict(
+        block_size=32,
+        vocab_size=96,
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        dropout=0.0,
+        bias=True,
+        attention="unified_ra",
+    )
     cfg.update(overrides)
     return GPTConfig(**cfg)
 

@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     """A small local text folder (about 40k tokens); the trainer prepares it on first use."""
-    words = ("the quick brown fox jumps over a lazy dog while seven kings sing of old rivers and "
-             "bright stars under the cold moon").split()
+    words = (
+        "the quick brown fox jumps over a lazy dog while seven kings sing of old rivers and "
+        "bright stars under the cold moon"
+    ).split()
     folder = tmp_path / "corpus"
     folder.mkdir()
     lines = (" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) + "." for i in range(3000))
@@ -36,14 +38,39 @@ def corpus(tmp_path: Path) -> Path:
 
 
 # A 2-layer, 2-head, 32-wide model: each step is cheap, and head_dim 16 fits every V-step's R.
-MODEL = ["--model-name", "tiny", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "32",
-         "--batch-size", "4", "--architecture", "unified-ra", "--ablation-mode"]
+MODEL = [
+    "--model-name",
+    "tiny",
+    "--n-layer",
+    "2",
+    "--n-embd",
+    "32",
+    "--n-head",
+    "2",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--architecture",
+    "unified-ra",
+    "--ablation-mode",
+]
 
 
 def tiny_args(corpus: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
-        *MODEL, "--eval-samples", "2", "--dataset", str(corpus), "--data-dir", str(tmp_path / "data"),
-        "--output-dir", str(tmp_path / "out"), "--sample-tokens", "0", *extra,
+        *MODEL,
+        "--eval-samples",
+        "2",
+        "--dataset",
+        str(corpus),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--sample-tokens",
+        "0",
+        *extra,
     ]
 
 
@@ -65,13 +92,27 @@ def fake_trainer(monkeypatch, losses: dict[tuple[str, int], float], fail: set[st
         loss = losses[(step, seed)]
         records = [
             {"step": 0, "tokens": 0, "elapsed_s": 0.0, "val_loss": loss + 1.0},
-            {"step": 10, "tokens": 1280, "elapsed_s": 1.0, "train_loss": loss, "ms_per_step": 100.0,
-             "tokens_per_s": 1280.0},
+            {
+                "step": 10,
+                "tokens": 1280,
+                "elapsed_s": 1.0,
+                "train_loss": loss,
+                "ms_per_step": 100.0,
+                "tokens_per_s": 1280.0,
+            },
             {"step": 10, "tokens": 1280, "elapsed_s": 1.1, "val_loss": loss},
         ]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        results = {"final_val_loss": loss, "best_val_loss": loss, "iters": 10, "tokens_seen": 1280,
-                   "n_params": 1000, "wall_time_s": 1.1, "peak_memory_bytes": 1, "stop_reason": "max_iters"}
+        results = {
+            "final_val_loss": loss,
+            "best_val_loss": loss,
+            "iters": 10,
+            "tokens_seen": 1280,
+            "n_params": 1000,
+            "wall_time_s": 1.1,
+            "peak_memory_bytes": 1,
+            "stop_reason": "max_iters",
+        }
         (out / "results.json").write_text(json.dumps(results))
         return results
 
@@ -80,8 +121,16 @@ def fake_trainer(monkeypatch, losses: dict[tuple[str, int], float], fail: set[st
 
 
 def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp_path, monkeypatch) -> None:
-    cfg = resolve(dict(architecture="unified-ra", ablation_mode=True, ablation_steps="V2,V7,V0",
-                       model_name="tiny", output_dir=str(tmp_path / "out"), max_iters=50))
+    cfg = resolve(
+        dict(
+            architecture="unified-ra",
+            ablation_mode=True,
+            ablation_steps="V2,V7,V0",
+            model_name="tiny",
+            output_dir=str(tmp_path / "out"),
+            max_iters=50,
+        )
+    )
     before = cfg.to_dict()
     received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V2", "V7", "V0")})
     run_ablation(cfg)
@@ -95,15 +144,23 @@ def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp
     # each was handed the original budget although the previous "trainer" changed its own copy
     assert {c.model.ra_step: c.train.max_iters for c in received} == {"V2": 999, "V7": 999, "V0": 999}
     assert all(c is not cfg for c in received)
-    models = {c.model.ra_step: UnifiedRAExtension.from_config(c).model_config(c.gpt_config())
-              for c in received}
+    models = {
+        c.model.ra_step: UnifiedRAExtension.from_config(c).model_config(c.gpt_config()) for c in received
+    }
     assert models["V2"].self_restart and not models["V7"].self_restart  # no leak from V2 into V7
     assert models["V7"].ra_rank == 8 and models["V0"].attention == "standard"
 
 
 def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path, monkeypatch) -> None:
-    cfg = resolve(dict(architecture="unified-ra", ablation_mode=True, ablation_steps="V0,V1,V3",
-                       model_name="tiny", output_dir=str(tmp_path)))
+    cfg = resolve(
+        dict(
+            architecture="unified-ra",
+            ablation_mode=True,
+            ablation_steps="V0,V1,V3",
+            model_name="tiny",
+            output_dir=str(tmp_path),
+        )
+    )
     received = fake_trainer(monkeypatch, {("V0", 1337): 3.0, ("V3", 1337): 2.5}, fail={"V1"})
     with pytest.raises(UserError, match=r"1 of 3 ablation runs failed \(V1 \(seed 1337\): RuntimeError"):
         run_ablation(cfg)  # exits non-zero, but only after the other steps ran and the summary is written
@@ -117,8 +174,15 @@ def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path, monkeypat
 
 
 def test_finished_steps_are_skipped_and_signal_stopped_ones_run_again(tmp_path, monkeypatch) -> None:
-    cfg = resolve(dict(architecture="unified-ra", ablation_mode=True, ablation_steps="V0,V1,V3",
-                       model_name="tiny", output_dir=str(tmp_path)))
+    cfg = resolve(
+        dict(
+            architecture="unified-ra",
+            ablation_mode=True,
+            ablation_steps="V0,V1,V3",
+            model_name="tiny",
+            output_dir=str(tmp_path),
+        )
+    )
     received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V0", "V1", "V3")})
     run_ablation(cfg)
     v1 = tmp_path / "V1" / "results.json"
@@ -130,8 +194,17 @@ def test_finished_steps_are_skipped_and_signal_stopped_ones_run_again(tmp_path, 
 
 
 def test_seeds_give_mean_std_and_a_paired_noise_test(tmp_path, monkeypatch) -> None:
-    cfg = resolve(dict(architecture="unified-ra", ablation_mode=True, ablation_steps="V0,V1,V3",
-                       ablation_seeds=3, seed=10, model_name="tiny", output_dir=str(tmp_path)))
+    cfg = resolve(
+        dict(
+            architecture="unified-ra",
+            ablation_mode=True,
+            ablation_steps="V0,V1,V3",
+            ablation_seeds=3,
+            seed=10,
+            model_name="tiny",
+            output_dir=str(tmp_path),
+        )
+    )
     v0 = {10: 3.00, 11: 3.20, 12: 2.90}
     losses = {("V0", s): v for s, v in v0.items()}
     losses |= {("V1", s): v - 0.10 + d for (s, v), d in zip(v0.items(), (0.002, -0.001, -0.001))}  # real gain
@@ -172,11 +245,23 @@ def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
     corpus, tmp_path, monkeypatch
 ) -> None:
     """Kill -9 during V1; the rerun trains only the rest of V1 (from its checkpoint) and writes a summary."""
-    args = tiny_args(corpus, tmp_path, "--ablation-steps", "V0,V1", "--max-iters", "24",
-                     "--eval-interval", "12", "--checkpoint-interval", "4", "--quiet")
+    args = tiny_args(
+        corpus,
+        tmp_path,
+        "--ablation-steps",
+        "V0,V1",
+        "--max-iters",
+        "24",
+        "--eval-interval",
+        "12",
+        "--checkpoint-interval",
+        "4",
+        "--quiet",
+    )
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "gpt2/train.py", *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "gpt2/train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     try:
         while not (out / "V1" / "checkpoint_last.pt").exists():
@@ -193,11 +278,14 @@ def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
 
     trained, restored = [], []
     real_train_once, real_restore = run_module.train_once, Trainer._restore
-    monkeypatch.setattr(run_module, "train_once",
-                        lambda c: trained.append(c.model.ra_step) or real_train_once(c)
-                        )
-    monkeypatch.setattr(Trainer, "_restore", lambda t, state, path: restored.append((path, state["step"]))
-                        or real_restore(t, state, path))
+    monkeypatch.setattr(
+        run_module, "train_once", lambda c: trained.append(c.model.ra_step) or real_train_once(c)
+    )
+    monkeypatch.setattr(
+        Trainer,
+        "_restore",
+        lambda t, state, path: restored.append((path, state["step"])) or real_restore(t, state, path),
+    )
     summary = run_ablation(parse(args))
 
     assert trained == ["V1"]

@@ -71,12 +71,20 @@ def plot_gate_history(metrics_path: Path, png_path: Path) -> Path | None:
     returns the PNG path, or None when there is nothing to plot or matplotlib is missing.
     """
     records = [r for r in read_metrics(metrics_path) if any(k.startswith("gates/") for k in r)]
-    families = sorted({k[len("gates/") : -len("_mean")] for r in records for k in r
-                       if k.startswith("gates/") and k.endswith("_mean") and "/L" not in k})
+    families = sorted(
+        {
+            k[len("gates/") : -len("_mean")]
+            for r in records
+            for k in r
+            if k.startswith("gates/") and k.endswith("_mean") and "/L" not in k
+        }
+    )
     if not families:
         return None
-    groups = {title: [f for f in families if f.startswith(prefix)]
-              for prefix, title in (("attn_", "attention gates"), ("mlp_", "R-MLP gates"))}
+    groups = {
+        title: [f for f in families if f.startswith(prefix)]
+        for prefix, title in (("attn_", "attention gates"), ("mlp_", "R-MLP gates"))
+    }
     groups = {title: fams for title, fams in groups.items() if fams}
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
