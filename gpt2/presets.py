@@ -43,7 +43,7 @@ PRESETS: dict[str, Preset] = {
             "on 2 cores (180 s quickstart runs, bf16): batch 16 x block 64 beats batch 8 (val 5.00 "
             "vs 4.90 at ~105 s); lr 2e-3 beats 1.5e-3 (4.81 vs 4.75 at step 800) and 3e-3 (5.04 "
             "vs 4.71 at the end). No dropout (the model underfits); beta2 0.99 because runs are "
-            "only hundreds of steps long. Evaluation: 10 batches per split every 200 steps keeps "
+            "only hundreds of steps long. Evaluation: 8 batches per split every 200 steps keeps "
             "it under 5% of the run."
         ),
         train=dict(
@@ -56,7 +56,7 @@ PRESETS: dict[str, Preset] = {
             dropout=0.0,
             beta2=0.99,
             eval_interval=200,
-            eval_samples=10,
+            eval_samples=8,
             log_interval=10,
         ),
     ),
