@@ -385,7 +385,9 @@ class Trainer:
         bar = self._progress_bar()
         last_eval: dict[str, float] = {}
         stop_reason = "max_iters"
-        window_start, window_steps, window_good, window_time = time.perf_counter(), 0, 0, 0.0
+        window_start, window_steps, window_time = time.perf_counter(), 0, 0.0
+        # per-step "applied" flags of the current log window, kept on the device until logged
+        applied_flags = torch.zeros(c.train.log_interval, device=self.device)
         seg_start = time.perf_counter()
         base_time = self.train_time
         tokens_per_s = 0.0
@@ -411,12 +413,8 @@ class Trainer:
                 grad_norm = out.grad_norm
                 self.step += 1
                 window_steps += 1
-                if out.applied:
-                    loss_acc += out.loss
-                    window_good += 1
-                    self.consecutive_bad = 0
-                else:
-                    self._bad_step(metrics, bar)  # its loss is not averaged in
+                loss_acc += torch.where(out.applied > 0, out.loss, 0.0)  # a skipped step's loss is left out
+                applied_flags[window_steps - 1] = out.applied
                 for ext in self.extensions:
                     ext.on_step_end(self.step, self.model, self.optimizer)
                 if bar is not None:
@@ -424,7 +422,13 @@ class Trainer:
                 if self.step % c.train.log_interval == 0 or self.step == self.max_iters:
                     now = time.perf_counter()
                     window_time += now - window_start
-                    # the loop's only host sync besides the finite check, once per log step
+                    # the loop's host reads, once per log step: which steps were applied, the loss
+                    flags = applied_flags[:window_steps].tolist()
+                    window_good = int(sum(flags))
+                    if self._account_steps(flags, metrics, bar):  # went back to a checkpoint
+                        loss_acc.zero_()
+                        window_start, window_steps, window_time = time.perf_counter(), 0, 0.0
+                        continue
                     loss_sum = float(distributed.all_reduce_mean(loss_acc, self.dist))
                     train_loss = loss_sum / window_good if window_good else math.nan
                     tokens_per_s = window_steps * tokens_per_step / window_time
@@ -447,7 +451,7 @@ class Trainer:
                     trackers.log({k: v for k, v in record.items() if v is not None}, step=self.step)
                     self._log_line(bar, record)
                     loss_acc.zero_()
-                    window_start, window_steps, window_good, window_time = time.perf_counter(), 0, 0, 0.0
+                    window_start, window_steps, window_time = time.perf_counter(), 0, 0.0
                 if self.step % c.train.eval_interval == 0:
                     t0 = time.perf_counter()
                     last_eval = self._evaluate_and_log(metrics, trackers, bar)
@@ -456,6 +460,8 @@ class Trainer:
                     t0 = time.perf_counter()
                     self.save()
                     window_start += time.perf_counter() - t0
+            if window_steps:  # stopped between log steps: count the skipped steps of that stretch
+                self._account_steps(applied_flags[:window_steps].tolist(), metrics, bar, can_restart=False)
         finally:
             for s, h in previous_handlers.items():
                 signal.signal(s, h)
@@ -478,32 +484,44 @@ class Trainer:
         )
         return results
 
-    def _bad_step(self, metrics: Any, bar: Any) -> None:
+    def _account_steps(self, flags: list[float], metrics: Any, bar: Any, can_restart: bool = True) -> bool:
+        """Record the skipped steps among the last ``len(flags)`` steps (flag 0.0 = skipped).
+
+        Skipped steps changed nothing, so learning of them at the log step rather than at once
+        loses nothing and keeps the step free of host reads. Returns True when too many in a row
+        sent the run back to its last checkpoint (the rest of the window is then void).
+        """
+        first = self.step - len(flags) + 1
+        for i, flag in enumerate(flags):
+            if flag > 0:
+                self.consecutive_bad = 0
+            elif self._bad_step(first + i, metrics, bar, can_restart):
+                return True
+        return False
+
+    def _bad_step(self, step: int, metrics: Any, bar: Any, can_restart: bool) -> bool:
         """A skipped non-finite step; after too many in a row, go back to the last checkpoint."""
         self.bad_steps += 1
         self.consecutive_bad += 1
-        metrics.write(
-            {"step": self.step, "event": "nonfinite_step_skipped", "consecutive": self.consecutive_bad}
-        )
-        self._write(
-            bar, f"step {self.step}: non-finite gradient, step skipped ({self.consecutive_bad} in a row)"
-        )
-        if self.consecutive_bad < self.cfg.train.max_bad_steps:
-            return
+        metrics.write({"step": step, "event": "nonfinite_step_skipped", "consecutive": self.consecutive_bad})
+        self._write(bar, f"step {step}: non-finite gradient, step skipped ({self.consecutive_bad} in a row)")
+        if self.consecutive_bad < self.cfg.train.max_bad_steps or not can_restart:
+            return False
         last = self.out_dir / checkpoint.LAST
         if self.restarts >= MAX_RESTARTS or not last.exists():
             why = "no checkpoint to go back to" if not last.exists() else f"{self.restarts} restarts already"
             raise UserError(
-                f"{self.consecutive_bad} consecutive non-finite steps at step {self.step} and {why}; "
+                f"{self.consecutive_bad} consecutive non-finite steps at step {step} and {why}; "
                 "lower --learning-rate (and use --save-checkpoint so the run can heal itself)"
             )
         scale = self.lr_scale * 0.5
-        bad_step = self.step
+        bad_step = step
         self._restore(checkpoint.load(last), last)
         self.lr_scale, self.consecutive_bad = scale, 0
         self.restarts += 1
         metrics.write({"step": self.step, "event": "restart", "from_step": bad_step, "lr_scale": scale})
         self._write(bar, f"restarted from {last} at step {self.step} with the LR scaled by {scale:g}")
+        return True
 
     def _evaluate_and_log(self, metrics: MetricsLog, trackers: Trackers, bar: Any) -> dict[str, float]:
         t0 = time.perf_counter()

@@ -16,9 +16,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class StepOutput(NamedTuple):
-    loss: torch.Tensor  # mean micro-batch loss (on the device; read it only when logging)
+    """What a step leaves on the device; the loop reads these only at log steps."""
+
+    loss: torch.Tensor  # mean micro-batch loss
     grad_norm: torch.Tensor  # global gradient norm before clipping
-    applied: bool  # False when the step was skipped for a non-finite gradient
+    applied: torch.Tensor  # 1.0, or 0.0 when the step was skipped for a non-finite gradient
 
 
 class TrainStep:
@@ -27,7 +29,9 @@ class TrainStep:
     The loss of each micro-batch is divided by ``accumulation`` before backward, so the
     accumulated gradient equals that of one batch ``accumulation`` times larger (all
     micro-batches have the same number of tokens). Nothing here reads a value back from
-    the device: the returned loss and gradient norm are tensors, read only when logged.
+    the device when the optimizer is torch's fused AdamW: a non-finite gradient norm is handed
+    to the fused kernel as ``found_inf`` (the flag GradScaler uses), which then leaves weights,
+    moments and step count untouched. Other optimizers keep one host read for that check.
     """
 
     def __init__(
@@ -54,6 +58,13 @@ class TrainStep:
         self.skip_nonfinite = skip_nonfinite
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.device_skip = (
+            skip_nonfinite
+            and not self.scaler.is_enabled()
+            and type(optimizer) is torch.optim.AdamW
+            and bool(optimizer.defaults.get("fused"))
+            and not hasattr(model, "set_requires_gradient_sync")  # FSDP2: DTensor params
+        )
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -63,8 +74,8 @@ class TrainStep:
         """Run the step at learning rate ``lr``.
 
         A non-finite gradient norm skips the optimizer step (weights and optimizer state stay
-        as they were). Checking it is the step's one host read; with fp16 the gradient
-        scaler makes that decision itself, as usual.
+        as they were): on the device with fused AdamW, else by one host read; with fp16 the
+        gradient scaler makes that decision itself, as usual.
         """
         self.set_lr(lr)
         total = torch.zeros((), device=self.device)
@@ -82,17 +93,27 @@ class TrainStep:
         full_norm = (
             grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         )  # FSDP DTensor
-        if self.skip_nonfinite and not self.scaler.is_enabled() and not bool(torch.isfinite(full_norm)):
+        finite = torch.isfinite(full_norm)
+        if self.skip_nonfinite and not self.device_skip and not self.scaler.is_enabled() and not bool(finite):
             self.optimizer.zero_grad(set_to_none=True)
-            return StepOutput(total, full_norm, False)
+            return StepOutput(total, full_norm, finite.float())
         if self.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, grad_norm, foreach=True)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.device_skip:
+            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.found_inf = None  # type: ignore[attr-defined]
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         for ext in self.extensions:
             ext.after_optimizer_step(self.model, self.optimizer)
-        return StepOutput(total, full_norm, True)
+        checked = self.skip_nonfinite and not self.scaler.is_enabled()  # fp16: the scaler's business
+        applied = finite.float() if checked else torch.ones((), device=self.device)
+        return StepOutput(total, full_norm, applied)
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients across ranks only on the last micro-step (DDP and FSDP2)."""
