@@ -105,7 +105,10 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tor
         compute = torch.float32
         if torch.is_autocast_enabled("cpu"):
             compute = torch.get_autocast_dtype("cpu")
-        if compute in (torch.float32, torch.bfloat16):
+        # Under torch.compile the bf16 form's cached buffer and saved gradients cannot be traced;
+        # the compiler gets the plain form there (the fp32 form traces as one graph).
+        traceable = compute is torch.float32 or not torch.compiler.is_compiling()
+        if compute in (torch.float32, torch.bfloat16) and traceable:
             rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
             # Gradients are computed in the forward pass, so only when backward can follow: not
             # under no_grad (evaluation), where forward alone is a fraction of the cost.

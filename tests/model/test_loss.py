@@ -98,3 +98,20 @@ def test_second_backward_fails_loudly() -> None:
     (2 * loss).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="only once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_with_the_chunked_loss_traces_as_one_graph(dtype) -> None:
+    """--compile on CPU: one graph, no breaks, same loss as eager, in fp32 and under bf16 autocast."""
+    from gpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=1, n_head=2, n_embd=16))
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+        loss = compiled(x, y)
+        ref = model(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    assert model.lm_head.weight.grad is not None
