@@ -73,11 +73,13 @@ class UnifiedRAttention(CausalSelfAttention):
 
         S_ij = (w_std·<q_std_i, k_std_j> + w_rec·<k_low_i, q_low_j>) / √D.
 
-    The gates multiply the query side only (the same scores as √w on both sides) and are folded
-    into the Qf rows of the projection's weight and bias: a (3C, C) product per forward instead
-    of a (B, T, C) one. They are not clamped: without the reference's square root a gate may
-    cross zero (a sign the Q_low weights could express anyway), and a clamp would freeze its
-    gradient there for good.
+    The gates multiply the query side only (the same scores as √w on both sides). Where a
+    micro-batch has at least 3C token rows (any GPU run) they are folded into the Qf rows of the
+    projection's weight and bias, a (3C, C) product per forward; with fewer rows (GPT-2 124M on
+    CPU: 1,024 rows against 2,304) they scale the (B, H, T, D) queries instead, which is cheaper
+    there. Both give the same result (tested). They are not clamped: without the reference's
+    square root a gate may cross zero (a sign the Q_low weights could express anyway), and a
+    clamp would freeze its gradient there for good.
 
     Modules, init and dropout are the base class's, so with gates (1, 1) this is exactly
     standard attention, and with the same seed V1's weights equal V0's. Self-restart
@@ -105,13 +107,21 @@ class UnifiedRAttention(CausalSelfAttention):
         """(H,) the self-restart mix actually applied, or None without self-restart."""
         return None if self.rwr_alpha is None else self.rwr_alpha.clamp(0.0, 0.5)
 
+    def fold_gates(self, rows: int) -> bool:
+        """Whether a micro-batch of ``rows`` = B x T tokens gets the gates in the weight (else in q)."""
+        return rows >= 3 * self.n_embd
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fold_gates(x.shape[0] * x.shape[1]):
+            return self.c_attn(x)
         scale = F.pad(self.query_scale(), (0, 2 * self.n_embd), value=1.0)  # K and V rows keep gain 1
         weight = self.c_attn.weight * scale[:, None]
         bias = None if self.c_attn.bias is None else self.c_attn.bias * scale
         return F.linear(x, weight, bias)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.fold_gates(q.shape[0] * q.shape[2]):
+            q = q * self.query_scale().view(1, self.n_head, 1, self.head_dim).to(q.dtype)
         y = super().attend(q, k, v)
         alpha = self.restart_alpha()
         if alpha is None:

@@ -69,9 +69,14 @@ def naive_unified_ra(m: UnifiedRAttention, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rank", [2, 4, 8])
 @pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("restart", [False, True])
-def test_folded_single_sdpa_equals_naive_score_formula(rank: int, per_head: bool, restart: bool) -> None:
-    """Random weights and gates: the module equals the explicit per-pair score computation."""
+@pytest.mark.parametrize("fold", [True, False])
+def test_folded_single_sdpa_equals_naive_score_formula(
+    rank: int, per_head: bool, restart: bool, fold: bool
+) -> None:
+    """Random weights and gates: the module equals the explicit per-pair score computation,
+    with the gates in the projection weight or on the queries."""
     m = UnifiedRAttention(ra_config(ra_rank=rank, ra_per_head_gates=per_head, self_restart=restart)).double()
+    m.fold_gates = lambda rows: fold
     randomize(m, seed=rank)
     if restart:  # values below 0, inside, and above 0.5: the clamp is part of the definition
         with torch.no_grad():
@@ -254,3 +259,22 @@ def test_bfloat16_autocast_forward_backward() -> None:
         loss = model(idx, idx)
     loss.backward()
     assert torch.isfinite(loss) and model.transformer.h[0].attn.rwr_alpha.grad is not None
+
+
+def test_gates_in_the_weight_or_on_the_queries_give_the_same_gradients() -> None:
+    """The two placements of the gates are one function: equal outputs and every gradient."""
+    grads = []
+    for fold in (True, False):
+        m = UnifiedRAttention(ra_config(self_restart=True)).double()
+        randomize(m, seed=3)
+        m.fold_gates = lambda rows, fold=fold: fold
+        x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        m(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_gates_go_where_they_cost_least() -> None:
+    m = UnifiedRAttention(ra_config())  # 64 wide: the weight has 192 rows
+    assert m.fold_gates(16 * 1024) and m.fold_gates(192) and not m.fold_gates(191)
