@@ -75,10 +75,12 @@ def _losses(metrics_path) -> dict[int, float]:
     return out
 
 
-def test_resume_reproduces_uninterrupted_run(tiny_flags, tmp_path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_reproduces_uninterrupted_run(tiny_flags, tmp_path, dtype) -> None:
     """Resuming from a mid-run checkpoint ends with the same losses and weights as not stopping."""
     flags = dict(
         tiny_flags,
+        dtype=dtype,
         dropout=0.1,
         max_iters=12,
         log_interval=1,
@@ -208,3 +210,21 @@ def test_dry_run_needs_no_data(tmp_path) -> None:
     info = Trainer(cfg).dry_run()
     assert math.isfinite(info["loss"]) and info["n_params"] > 0
     assert not (tmp_path / "nothing").exists()
+
+
+def test_bf16_training_follows_fp32(tiny_flags, tmp_path) -> None:
+    """CPU bf16 autocast (bf16 head matmuls, fp32 softmax, fp32 short attention) learns like fp32."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        flags = dict(
+            tiny_flags, dtype=dtype, max_iters=40, log_interval=1, eval_interval=40, output_dir=str(out)
+        )
+        results = train_once(resolve(flags))
+        assert results["dtype"] == dtype
+        runs[dtype] = (_losses(out / "metrics.jsonl"), results["final_val_loss"])
+    (fp32, fp32_val), (bf16, bf16_val) = runs["float32"], runs["bfloat16"]
+    assert fp32[40] < fp32[1] - 1.0  # both learn ...
+    for step in (1, 10, 20, 30, 40):  # ... along the same curve
+        assert abs(fp32[step] - bf16[step]) < 0.02, (step, fp32[step], bf16[step])
+    assert abs(fp32_val - bf16_val) < 0.02
