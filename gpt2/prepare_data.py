@@ -16,7 +16,6 @@ if __name__ == "__main__" and not __package__:
 import argparse
 
 from gpt2.data.prepare import DATASETS, DEFAULT_DATA_DIR, prepare
-from gpt2.errors import UserError
 
 
 def _count(text: str) -> int:
@@ -55,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and prepare; a UserError is one line on stderr and its exit code."""
+    from gpt2.cli import main_guard
+
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         out = prepare(
             args.dataset,
             args.data_dir,
@@ -67,15 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             source=args.source,
         )
-    except UserError as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print(out)
-    return 0
+        if not args.quiet:
+            print(out)
+
+    return main_guard(run)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gpt2.model import GPTConfig
+
 REPO = Path(__file__).resolve().parent.parent
 
 _WORDS = (
@@ -93,3 +95,9 @@ def as_argv(flags: dict) -> list[str]:
         elif v is not None:
             argv += [flag, str(v)]
     return argv
+
+
+def small_gpt_config(**overrides) -> GPTConfig:
+    """A 2-layer model of 4 heads x 16 channels (64 wide), vocab 96, block 32, no dropout, biases."""
+    base = dict(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True)
+    return GPTConfig(**(base | overrides))

@@ -32,7 +32,7 @@ VARIANTS = tuple(name for name in SCORES if name.startswith("bitter"))
 class AdamWPrune(AdamWSPAM):
     """AdamW(SPAM) with state-based pruning of ``prunable`` (``(name, weight)`` pairs).
 
-    ``variant`` names the importance score (bitter0..bitter9). Other arguments are
+    ``variant`` names the importance score (bitter0..bitter9). Other keyword arguments are
     :class:`~gpt2.optim.spam.AdamWSPAM`'s, with every SPAM feature off by default.
     """
 
@@ -41,37 +41,13 @@ class AdamWPrune(AdamWSPAM):
         params: Iterable[Any],
         prunable: Sequence[tuple[str, Tensor]] = (),
         variant: str = "bitter0",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        theta: float = 50.0,
-        interval: int = 0,
-        warmup_steps: int = 0,
-        enable_clip: bool = False,
-        spike_detection: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        **spam: Any,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown AdamWPrune variant {variant!r}; known: {', '.join(VARIANTS)}")
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            theta=theta,
-            interval=interval,
-            warmup_steps=warmup_steps,
-            enable_clip=enable_clip,
-            spike_detection=spike_detection,
-            foreach=foreach,
-            fused=fused,
-        )
+        spam.setdefault("interval", 0)  # no moment resets and no re-warmup unless asked for
+        spam.setdefault("warmup_steps", 0)
+        super().__init__(params, **spam)
         self.variant = variant
         self.masks = MaskSet([])
         self._grads_masked = False

@@ -12,23 +12,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from gpt2.model import GPT, GPTConfig
 from gpt2.model.mlp import MLP, ReciprocalMLP
 from gpt2.model.steps import apply_step
+from tests.conftest import small_gpt_config
 
 
 def mlp_config(**overrides) -> GPTConfig:
     """64 wide, 4x -> 256 hidden channels, 16 of them reciprocal."""
-    cfg = dict(
-        block_size=32,
-        vocab_size=96,
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        dropout=0.0,
-        bias=True,
-        mlp="reciprocal",
-        rmlp_rank=16,
-    )
-    cfg.update(overrides)
-    return GPTConfig(**cfg)
+    return small_gpt_config(**({"mlp": "reciprocal", "rmlp_rank": 16} | overrides))
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:

@@ -12,22 +12,12 @@ from gpt2.model import GPT, GPTConfig
 from gpt2.model.attention import CausalSelfAttention, UnifiedRAttention
 from gpt2.model.gates import gate_stats
 from gpt2.model.steps import apply_step
+from tests.conftest import small_gpt_config
 
 
 def ra_config(**overrides) -> GPTConfig:
     """4 heads of D=16 channels, 64 wide, 2 layers."""
-    cfg = dict(
-        block_size=32,
-        vocab_size=96,
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        dropout=0.0,
-        bias=True,
-        attention="unified_ra",
-    )
-    cfg.update(overrides)
-    return GPTConfig(**cfg)
+    return small_gpt_config(**({"attention": "unified_ra"} | overrides))
 
 
 EVERYTHING_ON = dict(self_restart=True, mlp="reciprocal", rmlp_rank=16, rmlp_mixer=True, rmlp_gates=True)

@@ -120,17 +120,22 @@ def fake_trainer(monkeypatch, losses: dict[tuple[str, int], float], fail: set[st
     return received
 
 
-def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp_path, monkeypatch) -> None:
-    cfg = resolve(
+def ablation_config(output_dir, steps: str, **extra):
+    """A resolved ablation config of the tiny model over ``steps`` (fake trainers run it)."""
+    return resolve(
         dict(
             architecture="unified-ra",
             ablation_mode=True,
-            ablation_steps="V2,V7,V0",
+            ablation_steps=steps,
             model_name="tiny",
-            output_dir=str(tmp_path / "out"),
-            max_iters=50,
+            output_dir=str(output_dir),
+            **extra,
         )
     )
+
+
+def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp_path, monkeypatch) -> None:
+    cfg = ablation_config(tmp_path / "out", "V2,V7,V0", max_iters=50)
     before = cfg.to_dict()
     received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V2", "V7", "V0")})
     run_ablation(cfg)
@@ -152,15 +157,7 @@ def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp
 
 
 def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path, monkeypatch) -> None:
-    cfg = resolve(
-        dict(
-            architecture="unified-ra",
-            ablation_mode=True,
-            ablation_steps="V0,V1,V3",
-            model_name="tiny",
-            output_dir=str(tmp_path),
-        )
-    )
+    cfg = ablation_config(tmp_path, "V0,V1,V3")
     received = fake_trainer(monkeypatch, {("V0", 1337): 3.0, ("V3", 1337): 2.5}, fail={"V1"})
     with pytest.raises(UserError, match=r"1 of 3 ablation runs failed \(V1 \(seed 1337\): RuntimeError"):
         run_ablation(cfg)  # exits non-zero, but only after the other steps ran and the summary is written
@@ -174,15 +171,7 @@ def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path, monkeypat
 
 
 def test_finished_steps_are_skipped_and_signal_stopped_ones_run_again(tmp_path, monkeypatch) -> None:
-    cfg = resolve(
-        dict(
-            architecture="unified-ra",
-            ablation_mode=True,
-            ablation_steps="V0,V1,V3",
-            model_name="tiny",
-            output_dir=str(tmp_path),
-        )
-    )
+    cfg = ablation_config(tmp_path, "V0,V1,V3")
     received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V0", "V1", "V3")})
     run_ablation(cfg)
     v1 = tmp_path / "V1" / "results.json"
@@ -194,17 +183,7 @@ def test_finished_steps_are_skipped_and_signal_stopped_ones_run_again(tmp_path, 
 
 
 def test_seeds_give_mean_std_and_a_paired_noise_test(tmp_path, monkeypatch) -> None:
-    cfg = resolve(
-        dict(
-            architecture="unified-ra",
-            ablation_mode=True,
-            ablation_steps="V0,V1,V3",
-            ablation_seeds=3,
-            seed=10,
-            model_name="tiny",
-            output_dir=str(tmp_path),
-        )
-    )
+    cfg = ablation_config(tmp_path, "V0,V1,V3", ablation_seeds=3, seed=10)
     v0 = {10: 3.00, 11: 3.20, 12: 2.90}
     losses = {("V0", s): v for s, v in v0.items()}
     losses |= {("V1", s): v - 0.10 + d for (s, v), d in zip(v0.items(), (0.002, -0.001, -0.001))}  # real gain

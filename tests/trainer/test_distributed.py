@@ -48,16 +48,12 @@ def _flags(tiny_flags: dict, out: Path) -> dict:
     )
 
 
-def _torchrun(flags: dict, nproc: int = 2) -> None:
+def _torchrun(flags: dict, nproc: int = 2, script: str = "gpt2/train.py") -> None:
+    """``script`` under torchrun on one node; the trainer gets ``flags`` as options, any other
+    script gets them as one ``repr`` argument."""
+    args = as_argv(flags) if script == "gpt2/train.py" else [repr(flags)]
     proc = subprocess.run(
-        [
-            *TORCHRUN,
-            f"--nproc_per_node={nproc}",
-            "--master_port",
-            str(_free_port()),
-            "gpt2/train.py",
-            *as_argv(flags),
-        ],
+        [*TORCHRUN, f"--nproc_per_node={nproc}", "--master_port", str(_free_port()), script, *args],
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -205,16 +201,7 @@ def test_ddp_pruning_keeps_identical_masks_on_every_rank(tiny_flags, tmp_path) -
     )
     script = tmp_path / "dump_masks.py"
     script.write_text(_MASK_DUMP)
-    proc = subprocess.run(
-        [*TORCHRUN, "--nproc_per_node=2", "--master_port", str(_free_port()), str(script), repr(flags)],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(flags, script=str(script))
     r0, r1 = (torch.load(out / f"masks_rank{r}.pt") for r in (0, 1))
     assert len(r0) == len(r1) > 0
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))
