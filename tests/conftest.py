@@ -7,6 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2.model import GPTConfig
 
@@ -101,3 +103,16 @@ def small_gpt_config(**overrides) -> GPTConfig:
     """A 2-layer model of 4 heads x 16 channels (64 wide), vocab 96, block 32, no dropout, biases."""
     base = dict(block_size=32, vocab_size=96, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True)
     return GPTConfig(**(base | overrides))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``.item()``, ``bool()``, ``float()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -24,6 +24,18 @@ the learning rate in a permanent re-warmup saw-tooth):
 
 Every tensor operation is a ``torch._foreach_*`` call over a group's tensors, in chunks of at
 most ``CHUNK_ELEMENTS`` elements to bound the temporary memory.
+
+Skipping a step on the device. Like fused AdamW, a fused AdamWSPAM accepts GradScaler's
+``found_inf`` attribute (a device scalar, 1.0 when the gradient is not finite): the Adam update is
+then skipped by the kernel and the step does not count, so the trainer never has to read the
+gradient norm back to the host. ``t`` still counts applied steps exactly: the host keeps an
+upper bound (the calls), the device the number of skipped calls, and the host reads that number
+back only at a step where SPAM could act on it: a reset step, the step right after it (did the
+reset step apply?) and the end of a re-warmup. That is at most three reads per ``interval``
+steps, none with ``interval = 0``. A reset on a step that may be skipped is applied on the device
+(moments times ``found_inf``), and inside a re-warmup with skips not yet read back the LR
+multiplier is computed on the device (a tensor LR, which the fused kernel takes). Both give the
+same trajectory as skipping the call on the host (tested).
 """
 
 from __future__ import annotations
@@ -114,6 +126,16 @@ class AdamWSPAM(torch.optim.AdamW):
         # rather than hand the fused kernel a scale (fused AdamW sets this to True).
         self._step_supports_amp_scaling = False
         self.spam: dict[str, Any] = {"step": 0, "warmup_until": 0, "resets": 0, "spikes": 0, "norms": []}
+        # Device-side skipping (see the module docstring): calls skipped since the last read-back,
+        # whether any call since then could have been skipped, and a reset not yet known to apply.
+        self._skipped: Tensor | None = None
+        self._unsure = False
+        self._pending_reset: int | None = None
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether :meth:`step` takes ``found_inf``: fused, and no spike detection (it reads the host)."""
+        return bool(self.defaults.get("fused")) and not self.spike_detection
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -122,31 +144,83 @@ class AdamWSPAM(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
         self._prepare_grads()
         s = self.spam
-        s["step"] += 1
-        t = s["step"]
+        self._settle(s["step"] + 1)
+        t = s["step"] + 1  # exact, or an upper bound while skips are not read back (then no event is due)
         if self.enable_clip:
             self._clip_spikes()
         if self.spike_detection:
             self._detect_spike()
         if self.interval > 0 and t % self.interval == 0:
-            self.reset_moments()
-            s["resets"] += 1
-            s["warmup_until"] = t + self.warmup_steps
-        scale = self.lr_multiplier()
-        if scale == 1.0:
-            self._adam_step()
-            return loss
+            if found_inf is None:
+                self.reset_moments()
+                s["resets"] += 1
+                s["warmup_until"] = t + self.warmup_steps
+            else:  # applies only if this step does; the next step reads back whether it did
+                self.reset_moments(keep=found_inf)
+                self._pending_reset = t
+        scale = self._lr_multiplier(t)
         lrs = [g["lr"] for g in self.param_groups]
-        for g in self.param_groups:
-            g["lr"] = g["lr"] * scale
+        if not (isinstance(scale, float) and scale == 1.0):
+            for g in self.param_groups:
+                g["lr"] = g["lr"] * scale
         try:
             self._adam_step()
         finally:
             for g, lr in zip(self.param_groups, lrs):
                 g["lr"] = lr
+        s["step"] = t
+        if found_inf is not None:
+            if self._skipped is None:
+                self._skipped = torch.zeros((), dtype=torch.float32, device=found_inf.device)
+            self._skipped.add_(found_inf)
+            self._unsure = True
         return loss
+
+    def _settle(self, t_next: int, force: bool = False) -> None:
+        """Read the device's skip count back when an event may be due at ``t_next`` (or ``force``)."""
+        if not self._unsure:
+            return
+        due = (
+            force
+            or self._pending_reset is not None
+            or (self.interval > 0 and t_next % self.interval == 0)
+            or (self.warmup_steps > 0 and t_next == self.spam["warmup_until"])
+        )
+        if not due:
+            return
+        assert self._skipped is not None
+        skipped = int(self._skipped.item())  # the one host read, at most a few per interval
+        self._skipped.zero_()
+        self._unsure = False
+        s = self.spam
+        s["step"] -= skipped
+        if self._pending_reset is not None:
+            if s["step"] >= self._pending_reset:  # the reset step applied: its re-warmup runs
+                s["resets"] += 1
+                s["warmup_until"] = self._pending_reset + self.warmup_steps
+            self._pending_reset = None  # else the next step is the reset step again
+
+    def _lr_multiplier(self, t: int) -> float | Tensor:
+        """The re-warmup factor for step ``t``: a float, or a device scalar while skips are unread.
+
+        ``t`` is an upper bound of the true step; :meth:`_settle` guarantees that when ``t`` is at
+        or past ``warmup_until`` (or is a reset step) it is exact, so only inside a window can the
+        two differ, and there the device subtracts the skips it counted.
+        """
+        w = self.warmup_steps
+        if w <= 0:
+            return 1.0
+        if self._pending_reset == t:  # the first step of a re-warmup, if this step applies
+            return rewarmup_multiplier(t, t + w, w)
+        until = self.spam["warmup_until"]
+        if not self._unsure or t >= until:
+            return rewarmup_multiplier(t, until, w)
+        assert self._skipped is not None
+        p = (self._skipped.neg() + (t - until + w)) / w
+        return p.mul_(math.pi).cos_().neg_().add_(1.0).mul_(0.5).clamp_min_(1e-3)
 
     def _prepare_grads(self) -> None:
         """Hook for subclasses: adjust the gradients before anything reads them (AdamWPrune masks them)."""
@@ -154,11 +228,6 @@ class AdamWSPAM(torch.optim.AdamW):
     def _adam_step(self) -> None:
         """The AdamW update itself (torch's fused / foreach implementation)."""
         super().step()
-
-    def lr_multiplier(self) -> float:
-        """The re-warmup factor applied to every group's LR at the current step."""
-        s = self.spam
-        return rewarmup_multiplier(s["step"], s["warmup_until"], self.warmup_steps)
 
     # ------------------------------------------------------ SPAM components
     def _with_state(self, group: dict[str, Any], *keys: str) -> tuple[list[Tensor], ...]:
@@ -208,8 +277,11 @@ class AdamWSPAM(torch.optim.AdamW):
                     torch._foreach_mul_(vs, 0.9)
             self.spam["spikes"] += 1
 
-    def reset_moments(self) -> None:
-        """Zero exp_avg, exp_avg_sq and (AMSGrad) max_exp_avg_sq of every parameter; keep Adam's step."""
+    def reset_moments(self, keep: Tensor | None = None) -> None:
+        """Zero exp_avg, exp_avg_sq and (AMSGrad) max_exp_avg_sq of every parameter; keep Adam's step.
+
+        ``keep``: a device scalar; the moments are multiplied by it instead (1.0 keeps them).
+        """
         for group in self.param_groups:
             tensors = [
                 st[k]
@@ -218,11 +290,16 @@ class AdamWSPAM(torch.optim.AdamW):
                 for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
                 if k in st
             ]
-            if tensors:
+            if not tensors:
+                continue
+            if keep is None:
                 torch._foreach_zero_(tensors)
+            else:
+                torch._foreach_mul_(tensors, keep)
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        self._settle(self.spam["step"] + 1, force=True)  # exact counts in every checkpoint
         sd = super().state_dict()
         sd["spam"] = {**self.spam, "norms": list(self.spam["norms"])}
         return sd
@@ -234,3 +311,6 @@ class AdamWSPAM(torch.optim.AdamW):
         if spam is not None:
             self.spam.update({k: spam[k] for k in self.spam if k in spam})
             self.spam["norms"] = [float(x) for x in self.spam["norms"]]
+        if self._skipped is not None:
+            self._skipped.zero_()
+        self._unsure, self._pending_reset = False, None

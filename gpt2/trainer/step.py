@@ -23,15 +23,27 @@ class StepOutput(NamedTuple):
     applied: torch.Tensor  # 1.0, or 0.0 when the step was skipped for a non-finite gradient
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` takes GradScaler's ``found_inf`` and then changes nothing.
+
+    torch's fused AdamW does; AdamWSPAM and AdamWPrune say so themselves (``skips_on_device``).
+    """
+    own = getattr(optimizer, "skips_on_device", None)
+    if own is not None:
+        return bool(own)
+    return type(optimizer) is torch.optim.AdamW and bool(optimizer.defaults.get("fused"))
+
+
 class TrainStep:
     """Runs one optimizer step over ``accumulation`` micro-batches.
 
     The loss of each micro-batch is divided by ``accumulation`` before backward, so the
     accumulated gradient equals that of one batch ``accumulation`` times larger (all
     micro-batches have the same number of tokens). Nothing here reads a value back from
-    the device when the optimizer is torch's fused AdamW: a non-finite gradient norm is handed
-    to the fused kernel as ``found_inf`` (the flag GradScaler uses), which then leaves weights,
-    moments and step count untouched. Other optimizers keep one host read for that check.
+    the device when the optimizer :func:`skips_on_device` (fused AdamW, AdamWSPAM, AdamWPrune):
+    a non-finite gradient norm is handed to it as ``found_inf`` (the flag GradScaler uses), and
+    it then leaves weights, moments and step counts untouched. Other optimizers keep one host
+    read for that check.
     """
 
     def __init__(
@@ -61,8 +73,7 @@ class TrainStep:
         self.device_skip = (
             skip_nonfinite
             and not self.scaler.is_enabled()
-            and type(optimizer) is torch.optim.AdamW
-            and bool(optimizer.defaults.get("fused"))
+            and skips_on_device(optimizer)
             and not hasattr(model, "set_requires_gradient_sync")  # FSDP2: DTensor params
         )
 
@@ -74,7 +85,7 @@ class TrainStep:
         """Run the step at learning rate ``lr``.
 
         A non-finite gradient norm skips the optimizer step (weights and optimizer state stay
-        as they were): on the device with fused AdamW, else by one host read; with fp16 the
+        as they were): on the device when the optimizer allows, else by one host read; with fp16 the
         gradient scaler makes that decision itself, as usual.
         """
         self.set_lr(lr)

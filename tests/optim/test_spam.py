@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gpt2.optim.spam import AdamWSPAM, rewarmup_multiplier
+from tests.conftest import HostReads
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -141,3 +142,56 @@ def test_resume_mid_rewarmup_continues_the_same_trajectory():
     p.grad = torch.tensor(grads[5])
     resumed.step()
     assert torch.equal(p, whole)
+
+
+def _skip_on_host(grads: list[list[float]], **kw) -> tuple[torch.nn.Parameter, AdamWSPAM]:
+    """The reference: a non-finite gradient's step is never called (what the trainer did by a host read)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = AdamWSPAM([p], fused=True, **kw)
+    for g in grads:
+        p.grad = torch.tensor(g)
+        if all(math.isfinite(x) for x in g):
+            opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (),  # no skips: no read-backs needed between events
+        (4,),  # the reset step itself is skipped: the reset moves to the next applied step
+        (2, 3, 6),  # skips before a reset and inside the re-warmup
+        (5, 7, 8, 9, 13),  # skips across the end of a re-warmup and the next reset
+    ],
+)
+def test_skipping_on_the_device_follows_the_host_skip_exactly(bad):
+    """found_inf steps (no host read of the gradient) give the trajectory of never calling step()."""
+    rng = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(2, generator=rng) * 0.3).tolist() for _ in range(18)]
+    for i in bad:
+        grads[i] = [float("nan"), 1.0]
+    kw = dict(lr=0.1, weight_decay=0.1, interval=5, warmup_steps=3, enable_clip=True, theta=4.0)
+    ref, ref_opt = _skip_on_host(grads, **kw)
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = AdamWSPAM([p], fused=True, **kw)
+    assert opt.skips_on_device
+    reads = []
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.found_inf = torch.tensor(0.0 if all(math.isfinite(x) for x in g) else 1.0)
+        with HostReads() as r:
+            opt.step()
+        reads.append(r.count)
+        assert all(isinstance(group["lr"], float) and group["lr"] == 0.1 for group in opt.param_groups)
+    opt.found_inf = None
+    torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-7)
+    for k in ("exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(opt.state[p][k], ref_opt.state[ref][k], rtol=1e-6, atol=1e-9)
+    assert opt.state_dict()["spam"] == ref_opt.state_dict()["spam"]
+    # Host reads only where SPAM acts: at a reset step, the step after it and the end of a
+    # re-warmup (one each), plus a few more around skipped steps.
+    assert max(reads) == 1
+    if not bad:
+        assert [t for t, n in enumerate(reads, start=1) if n] == [5, 6, 8, 10, 11, 13, 15, 16, 18]
+    assert sum(reads) <= 3 * (len(grads) // 5) + 2 * len(bad)

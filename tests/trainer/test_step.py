@@ -1,26 +1,13 @@
-"""One training step: no host reads with fused AdamW, and non-finite steps skipped either way."""
+"""One training step: no host reads with the fused optimizers, and non-finite steps skipped either way."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2.config import resolve
 from gpt2.trainer.loop import Trainer
-
-
-class _HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host (``.item()``, ``bool()``, ``float()``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+from tests.conftest import HostReads
 
 
 def _trainer(tiny_flags: dict, **overrides) -> Trainer:
@@ -34,24 +21,54 @@ def _snapshot(trainer: Trainer) -> list[torch.Tensor]:
     return [t.detach().clone() for t in [*trainer.model.parameters(), *state]]
 
 
-def test_fused_adamw_step_reads_nothing_back_from_the_device(tiny_flags) -> None:
-    trainer = _trainer(tiny_flags)
+# Optimizers whose step makes no host read: each skips a non-finite step on the device.
+ON_DEVICE = {
+    "adamw": {},
+    "adamwspam": dict(optimizer="adamwspam", spam_enable_clip=True),
+    "adamwprune": dict(
+        optimizer="adamwprune",
+        adamwprune_variant="bitter7",
+        pruning_method="state",
+        target_sparsity=0.5,
+        pruning_warmup=1,
+        pruning_frequency=1,
+        pruning_ramp_end=4,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ON_DEVICE))
+def test_training_step_reads_nothing_back_from_the_device(tiny_flags, name) -> None:
+    trainer = _trainer(tiny_flags, **ON_DEVICE[name])
     assert trainer.step_fn.device_skip
     trainer.step_fn(trainer.data.train_batch, 1e-3)  # creates the optimizer state first
-    with _HostReads() as reads:
+    for ext in trainer.extensions:  # pruning: masks at some sparsity, so masking does real work
+        ext.on_step_end(2, trainer.model, trainer.optimizer)
+    with HostReads() as reads:
+        out = trainer.step_fn(trainer.data.train_batch, 1e-3)
         out = trainer.step_fn(trainer.data.train_batch, 1e-3)
     assert reads.count == 0
     assert float(out.applied) == 1.0
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamwspam"])
-def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(tiny_flags, optimizer) -> None:
-    """On the device (fused AdamW's found_inf) or by a host read (SPAM): the same outcome."""
-    trainer = _trainer(tiny_flags, optimizer=optimizer)
-    assert trainer.step_fn.device_skip == (optimizer == "adamw")
+def test_spike_detection_keeps_the_host_check(tiny_flags) -> None:
+    """SPAM's z-score reads the gradient norm on the host, so the step checks it there too."""
+    trainer = _trainer(tiny_flags, optimizer="adamwspam", spam_spike_detection=True)
+    assert not trainer.step_fn.device_skip
+
+
+@pytest.mark.parametrize(
+    "name,device_skip",
+    [("adamw", True), ("adamwspam", True), ("adamwprune", True), ("adamwspam", False)],
+)
+def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(tiny_flags, name, device_skip) -> None:
+    """On the device (the optimizer's found_inf) or by a host read: the same outcome."""
+    trainer = _trainer(tiny_flags, **ON_DEVICE[name])
+    trainer.step_fn.device_skip = device_skip
     trainer.step_fn(trainer.data.train_batch, 1e-3)
     before = _snapshot(trainer)
     steps_before = [int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s]
+    spam_before = dict(getattr(trainer.optimizer, "spam", {}))
 
     forward = trainer.step_fn.forward_model
     trainer.step_fn.forward_model = lambda x, y: forward(x, y) * float("nan")
@@ -62,6 +79,8 @@ def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(tiny_flags,
     after = _snapshot(trainer)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert [int(s["step"]) for s in trainer.optimizer.state.values() if "step" in s] == steps_before
+    if spam_before:  # SPAM's own count (read back here by state_dict) did not advance either
+        assert trainer.optimizer.state_dict()["spam"]["step"] == spam_before["step"]
     assert all(p.grad is None for p in trainer.model.parameters())
     out = trainer.step_fn(trainer.data.train_batch, 1e-3)  # and training goes on
     assert float(out.applied) == 1.0
