@@ -3,11 +3,18 @@
 Training windows are random (with replacement, as nanoGPT) from a generator of the loader's own, so data
 order is reproducible, differs per rank, survives a resume, and never shares RNG state with dropout.
 Evaluation windows are a fixed, evenly spaced set, so successive evaluations measure the same text.
+
+On CUDA the next training batch is prepared while the current step runs: a worker thread reads
+its windows from the memmap (random reads, which on a large dataset miss the page cache), copies
+them into pinned memory and queues the asynchronous host-to-device copy. The window positions
+are still drawn on the caller's thread, in order, so the stream of batches, and a resume from
+:meth:`TokenBatches.state_dict`, are the same with and without prefetching (tested).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,8 @@ class TokenBatches:
     """Batches of (x, y) windows from a prepared dataset dir (train.bin / val.bin memmaps, opened once).
 
     ``x`` and ``y`` are int64 ``(batch_size, block_size)`` tensors on ``device``; ``y`` is ``x`` shifted by
-    one token. Each rank draws from its own stream seeded from ``(seed, rank)``.
+    one token. Each rank draws from its own stream seeded from ``(seed, rank)``. ``prefetch``
+    (default: on CUDA) prepares the next training batch in a worker thread (module docstring).
     """
 
     def __init__(
@@ -40,6 +48,7 @@ class TokenBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        prefetch: bool | None = None,
     ) -> None:
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be positive, got {block_size}, {batch_size}")
@@ -57,6 +66,10 @@ class TokenBatches:
         self._window = np.arange(block_size + 1, dtype=np.int64)  # offsets of one (x, y) window
         self._generator = torch.Generator().manual_seed(_rank_seed(seed, rank))
         self._batches_drawn = 0
+        self._prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self._worker: ThreadPoolExecutor | None = None
+        # The next batch being prepared, and the generator state from before its positions were drawn.
+        self._next: tuple[Future, torch.Tensor] | None = None
 
     def _open(self, split: str) -> np.memmap:
         path = self.data_dir / f"{split}.bin"
@@ -103,14 +116,41 @@ class TokenBatches:
         pinned = [torch.empty(x.shape, dtype=torch.int64, pin_memory=True).copy_(t) for t in (x, y)]
         return pinned[0].to(self.device, non_blocking=True), pinned[1].to(self.device, non_blocking=True)
 
+    def _draw_starts(self) -> np.ndarray:
+        n = len(self._data["train"]) - self.block_size
+        starts = torch.randint(n, (self.batch_size,), generator=self._generator, dtype=torch.int64)
+        return starts.numpy()
+
     def train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of random training windows: x, y int64 (batch_size, block_size) on the device."""
         data = self._data["train"]
-        starts = torch.randint(
-            len(data) - self.block_size, (self.batch_size,), generator=self._generator, dtype=torch.int64
-        )
         self._batches_drawn += 1
-        return self._windows(data, starts.numpy())
+        if not self._prefetch:
+            return self._windows(data, self._draw_starts())
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+        if self._next is None:
+            batch = self._windows(data, self._draw_starts())
+        else:
+            batch = self._next[0].result()
+        before = self._generator.get_state()
+        self._next = (self._worker.submit(self._windows, data, self._draw_starts()), before)
+        return batch
+
+    def _drop_prefetched(self) -> None:
+        """Forget the batch prepared ahead; the generator goes back to before it was drawn."""
+        if self._next is not None:
+            future, before = self._next
+            self._next = None
+            future.result()  # let its copies finish before the memory is reused
+            self._generator.set_state(before)
+
+    def close(self) -> None:
+        """Drop the batch prepared ahead and stop the prefetch worker."""
+        self._drop_prefetched()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     def eval_batches(self, split: str, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``num_batches`` batches of fixed windows of ``split``, identical at every call.
@@ -134,9 +174,12 @@ class TokenBatches:
             yield self._windows(data, mine[i::num_batches])
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the training stream stands; only tensors, ints and str (``weights_only=True`` loads it)."""
+        """Where the training stream stands; only tensors, ints and str (``weights_only=True`` loads it).
+
+        A batch prepared ahead is not part of it: its positions are drawn again after a resume.
+        """
         return {
-            "generator": self._generator.get_state(),
+            "generator": self._next[1] if self._next is not None else self._generator.get_state(),
             "batches_drawn": self._batches_drawn,
             "seed": self.seed,
             "rank": self.rank,
@@ -153,6 +196,7 @@ class TokenBatches:
         """
         if state.get("seed", self.seed) != self.seed:
             raise UserError(f"data state was saved with seed {state['seed']}, this run uses seed {self.seed}")
+        self._drop_prefetched()
         if state.get("rank", self.rank) == self.rank:
             self._generator.set_state(state["generator"])
         else:

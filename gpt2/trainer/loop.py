@@ -472,6 +472,7 @@ class Trainer:
             last_eval = self._evaluate_and_log(metrics, trackers, None)
         if c.output.save_checkpoint or self._stop_signal is not None:
             self.save()
+        self.data.close()  # stops the prefetch worker and drops the batch it prepared
         results = self._results(last_eval, tokens_per_s, stop_reason, time.perf_counter() - start)
         if self.dist.is_main:
             write_json_atomic(self.out_dir / "results.json", results)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gpt2.config import resolve
+from gpt2.data.loader import TokenBatches
 from gpt2.trainer import checkpoint
 from gpt2.trainer.extension import Extension
 from gpt2.trainer.loop import Trainer
@@ -75,9 +76,17 @@ def _losses(metrics_path) -> dict[int, float]:
     return out
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_reproduces_uninterrupted_run(tiny_flags, tmp_path, dtype) -> None:
-    """Resuming from a mid-run checkpoint ends with the same losses and weights as not stopping."""
+@pytest.mark.parametrize("dtype,prefetch", [("float32", False), ("bfloat16", False), ("float32", True)])
+def test_resume_reproduces_uninterrupted_run(tiny_flags, tmp_path, monkeypatch, dtype, prefetch) -> None:
+    """Resuming from a mid-run checkpoint ends with the same losses and weights as not stopping.
+
+    ``prefetch``: the uninterrupted run prepares batches ahead (as on CUDA), the resumed one not.
+    """
+    if prefetch:
+        init = TokenBatches.__init__
+        monkeypatch.setattr(
+            TokenBatches, "__init__", lambda self, *a, **kw: init(self, *a, **kw, prefetch=True)
+        )
     flags = dict(
         tiny_flags,
         dtype=dtype,
@@ -94,6 +103,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_flags, tmp_path, dtype) -> Non
     mid = full_dir / checkpoint.step_name(6)
     assert mid.exists()
 
+    monkeypatch.undo()
     resumed_dir = tmp_path / "resumed"
     train_once(resolve(dict(flags, output_dir=str(resumed_dir), resume=str(mid))))
 
