@@ -20,6 +20,7 @@ from gpt2.presets import PRESETS
 
 ARCHITECTURES = ("vanilla", "unified-ra")
 RA_GATES = ("per-head", "per-layer")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune")
 PRUNING_METHODS = ("none", "magnitude", "movement", "state")
 BITTER_VARIANTS = tuple(f"bitter{i}" for i in range(10))
@@ -69,6 +70,12 @@ class ModelSection:
         "per-head", "Unified RA gates (w_std, w_rec): one pair per head or per layer", choices=RA_GATES
     )
     compile: bool = opt(False, "torch.compile the model")
+    compile_mode: str = opt(
+        "default",
+        "torch.compile mode with --compile: reduce-overhead adds CUDA graphs, max-autotune also "
+        "tunes matmul kernels (longer warm-up)",
+        choices=COMPILE_MODES,
+    )
     flash_attention: bool = opt(
         False, "accepted for compatibility; SDPA already picks the flash kernel when it can"
     )
@@ -374,6 +381,12 @@ def resolve(values: dict[str, Any], explicit: set[str] | None = None) -> RunConf
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     cfg = RunConfig(**sections, explicit=tuple(sorted(explicit)))
+    for sec in SECTIONS:  # what argparse checks on the command line, for every other caller too
+        for f in fields(getattr(cfg, sec)):
+            value, choices = getattr(getattr(cfg, sec), f.name), f.metadata.get("choices")
+            if choices is not None and value is not None and value not in choices:
+                flag = "--" + f.name.replace("_", "-")
+                raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(map(str, choices))}")
     preset = PRESETS.get(cfg.model.model_name)
     if preset is None:
         raise ConfigError(f"unknown --model-name {cfg.model.model_name!r}; choose from {', '.join(PRESETS)}")
@@ -597,6 +610,7 @@ def validate(cfg: RunConfig) -> None:
     for name in trackers:
         _check(name in TRACKERS, f"unknown --tracker {name!r}: use none, wandb, trackio or a comma list")
 
+    _check(m.compile or "compile_mode" not in cfg.explicit, "--compile-mode needs --compile")
     # Architecture-specific flags must not be silently ignored.
     if m.architecture == "vanilla":
         _check(m.ra_step is None, "--ra-step needs --architecture unified-ra")

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from gpt2.cli import build_parser, parse
-from gpt2.config import NOT_IMPLEMENTED
+from gpt2.config import NOT_IMPLEMENTED, resolve
+from gpt2.errors import ConfigError
 from tests.conftest import REPO
 
 BAD = [
@@ -51,7 +52,17 @@ BAD = [
     (["--num-epochs", "0"], "--num-epochs must be positive"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 0"),
+    (["--compile-mode", "max-autotune"], "--compile-mode needs --compile"),
+    (["--compile", "--compile-mode", "fastest"], "invalid choice"),
 ]
+
+
+def test_settings_outside_the_command_line_are_checked_against_the_same_choices() -> None:
+    """resolve() (the bench's --set, ablations, tests) refuses what argparse's choices would."""
+    with pytest.raises(ConfigError, match="--compile-mode: 'fastest' is not one of"):
+        resolve({"compile": True, "compile_mode": "fastest"})
+    with pytest.raises(ConfigError, match="--optimizer: 'lion'"):
+        resolve({"optimizer": "lion"})
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])

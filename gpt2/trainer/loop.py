@@ -100,7 +100,8 @@ class Trainer:
                 fully_shard(block)
             fully_shard(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.eval_model = torch.compile(self.model) if cfg.model.compile else self.model
+        mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
+        self.eval_model = torch.compile(self.model, mode=mode) if cfg.model.compile else self.model
         forward_model = self.eval_model
         if self.dist.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
@@ -119,6 +120,7 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip,
             forward_model=forward_model,
             extensions=self.extensions,
+            cudagraphs=cfg.model.compile and cfg.model.compile_mode == "reduce-overhead",
         )
         self.forward_model = forward_model
         self.tokens_per_step = cfg.tokens_per_step * self.dist.world_size  # global, all ranks

@@ -58,6 +58,7 @@ class TrainStep:
         forward_model: nn.Module | None = None,
         extensions: Sequence[Extension] = (),
         skip_nonfinite: bool = True,
+        cudagraphs: bool = False,
     ) -> None:
         self.model = model
         self.forward_model = forward_model if forward_model is not None else model
@@ -68,6 +69,7 @@ class TrainStep:
         self.grad_clip = grad_clip
         self.extensions = list(extensions)
         self.skip_nonfinite = skip_nonfinite
+        self.cudagraphs = cudagraphs  # the compiled model replays CUDA graphs (reduce-overhead)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.device_skip = (
@@ -91,6 +93,8 @@ class TrainStep:
         self.set_lr(lr)
         total = torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
+            if self.cudagraphs:  # each micro-step's graph outputs may overwrite the previous ones
+                torch.compiler.cudagraph_mark_step_begin()
             x, y = next_batch()
             with self._sync_context(last=micro == self.accumulation - 1), autocast(self.device, self.dtype):
                 loss = self.forward_model(x, y) / self.accumulation

@@ -85,3 +85,15 @@ def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(tiny_flags,
     out = trainer.step_fn(trainer.data.train_batch, 1e-3)  # and training goes on
     assert float(out.applied) == 1.0
     assert not all(torch.equal(a, b) for a, b in zip(before, _snapshot(trainer), strict=True))
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune", "reduce-overhead"])
+def test_compile_mode_reaches_torch_compile(tiny_flags, monkeypatch, mode) -> None:
+    compiled, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer = _trainer(tiny_flags, compile=True, compile_mode=mode, gradient_accumulation=2)
+    assert compiled == [{"mode": None if mode == "default" else mode}]
+    trainer.step_fn(trainer.data.train_batch, 1e-3)
+    # CUDA graphs: every micro-step tells the graph trees that a new replay begins
+    assert len(marks) == (2 if mode == "reduce-overhead" else 0)
