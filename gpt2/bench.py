@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 if __package__ in (None, ""):  # run as `python gpt2/bench.py`
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -37,18 +37,46 @@ PRESETS: dict[str, dict[str, Any]] = {
         compile=True,
     ),
 }
-# nanoGPT (commit 3adf61e) on the same workload, as measured in the issues (ms per step).
-NANOGPT_MS = {"tiny": 308.0, "gpt2-cpu": 5850.0, "gpt2-gpu": 35.9}
 
-# What each case changes on top of the preset; a case whose capability is not built yet is skipped.
+
+class Anchor(NamedTuple):
+    """A published figure for a preset's workload, printed above our rows (from the issues)."""
+
+    name: str
+    ms_per_step: float
+    peak_mib: float
+    warmup_s: float | None = None
+    mfu: float | None = None
+
+
+# The first anchor of each preset is nanoGPT (commit 3adf61e), the "vs nanoGPT" column's reference.
+ANCHORS: dict[str, list[Anchor]] = {
+    "tiny": [Anchor("nanoGPT (2 AMD EPYC cores, fp32)", 308.0, 860)],
+    "gpt2-cpu": [Anchor("nanoGPT (2 AMD EPYC cores, fp32)", 5850.0, 3.3 * 1024)],
+    "gpt2-gpu": [
+        Anchor("nanoGPT (H100, torch 2.11)", 35.9, 12.4e9 / 2**20, 28, 0.394),
+        Anchor("earlier system V0 (H100)", 37.4, 12.4e9 / 2**20, 29, 0.379),
+        Anchor("earlier system V1 (H100)", 40.1, 13.3e9 / 2**20, 145, 0.353),
+    ],
+}
+
+# What each case changes on top of the preset: every architecture, V-series mechanism, optimizer
+# and pruning method. A case whose capability is not built is skipped.
 CASES: dict[str, dict[str, Any]] = {
     "vanilla": {},
     "V0": dict(architecture="unified-ra", ra_step="V0"),
     "V1": dict(architecture="unified-ra", ra_step="V1"),
-    "adamwspam": dict(optimizer="adamwspam"),
+    "V2": dict(architecture="unified-ra", ra_step="V2"),  # + self-restart
+    "V3": dict(architecture="unified-ra", ra_step="V3"),  # + R-MLP
+    "V6": dict(architecture="unified-ra", ra_step="V6"),  # every mechanism
+    "adamwspam": dict(optimizer="adamwspam"),  # the command line's defaults: resets, no clipping
+    "adamwspam-clip": dict(optimizer="adamwspam", spam_enable_clip=True),
     "bitter7": dict(optimizer="adamwprune", adamwprune_variant="bitter7", pruning_method="state"),
+    "magnitude": dict(pruning_method="magnitude"),
     "movement": dict(pruning_method="movement"),
 }
+# ``--cases core``: the rows the GPU issue's targets are stated for.
+CORE = ("vanilla", "V0", "V1", "adamwspam", "bitter7")
 
 
 def _worker(
@@ -154,34 +182,45 @@ def _worker(
 
 
 def _table(preset: str, rows: list[dict[str, Any]]) -> str:
+    """Markdown: the published anchors, then our rows, each with ratios to our first row and nanoGPT."""
+    w = PRESETS[preset]
+    tokens = w["batch_size"] * w["block_size"] * w["gradient_accumulation"]
+    nano = ANCHORS[preset][0].ms_per_step
     base = next((r for r in rows if "ms_per_step" in r), None)
     lines = [
-        f"Preset `{preset}`: {json.dumps(PRESETS[preset])}",
+        f"Preset `{preset}`: {json.dumps(w)}",
         "",
         "| case | dtype | ms/step | tokens/s | vs first | vs nanoGPT | MFU | peak memory | warm-up "
         "| optimizer step | optimizer state | mask update |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for a in ANCHORS[preset]:
+        mfu = f"{100 * a.mfu:.1f}%" if a.mfu else "-"
+        warm = f"{a.warmup_s:.0f} s" if a.warmup_s else "-"
+        tps = tokens / a.ms_per_step * 1000
+        lines.append(
+            f"| {a.name}, published | {w['dtype']} | {a.ms_per_step:.1f} | {tps:,.0f} "
+            f"| - | {nano / a.ms_per_step:.2f}x | {mfu} | {a.peak_mib:,.0f} MiB | {warm} | | | |"
+        )
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['case']} | | skipped: {r['skipped']} | | | | | | | | | |")
             continue
-        upd = r.get("mask_update_ms")
-        extra = (
-            f" {r['optimizer_ms']:.2f} ms | {r['optimizer_state_bytes_per_param']:.2f} B/param | "
-            f"{'-' if upd is None else f'{upd:.1f} ms'} |"
-        )
-        ratio = base["ms_per_step"] / r["ms_per_step"]
-        vs_nano = NANOGPT_MS[preset] / r["ms_per_step"]
+        upd = "-" if r.get("mask_update_ms") is None else f"{r['mask_update_ms']:.1f} ms"
         m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        ms = r["ms_per_step"]
         lines.append(
-            f"| {r['case']} | {r['dtype']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
-            f"{ratio:.3f}x | "
-            f"{vs_nano:.2f}x | {m} | {r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s |"
-            + extra
+            f"| {r['case']} | {r['dtype']} | {ms:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{base['ms_per_step'] / ms:.3f}x | {nano / ms:.2f}x | {m} | "
+            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s | "
+            f"{r['optimizer_ms']:.2f} ms | "
+            f"{r['optimizer_state_bytes_per_param']:.2f} B/param | {upd} |"
         )
-    lines.append("")
-    lines.append(f"nanoGPT reference for this workload: {NANOGPT_MS[preset]} ms/step (published figure).")
+    lines += [
+        "",
+        "vs first, vs nanoGPT: throughput ratios (higher is faster). Published rows are the figures "
+        "measured in the issues, not this run.",
+    ]
     return "\n".join(lines)
 
 
@@ -206,8 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cases",
         default="vanilla",
-        help=f"comma list of {', '.join(CASES)}, or 'all'; CASE:DTYPE (e.g. vanilla:bfloat16) "
-        "overrides the preset's dtype for that case",
+        help=f"comma list of {', '.join(CASES)}; 'all', or 'core' ({', '.join(CORE)}); CASE:DTYPE "
+        "(e.g. vanilla:bfloat16) overrides the preset's dtype for that case",
+    )
+    p.add_argument(
+        "--case-timeout",
+        type=float,
+        default=None,
+        help="seconds one case may take (its row then says so and the next case runs); default none",
     )
     p.add_argument(
         "--steps", type=int, default=None, help="timed steps (default 20 on CPU tiny, 5 gpt2-cpu, 50 GPU)"
@@ -245,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_worker(preset, args.worker, steps, warmup, args.device, extra)))
         return 0
 
-    cases = list(CASES) if args.cases == "all" else [c.strip() for c in args.cases.split(",") if c.strip()]
+    groups = {"all": list(CASES), "core": list(CORE)}
+    cases = groups.get(args.cases) or [c.strip() for c in args.cases.split(",") if c.strip()]
     from gpt2.config import DTYPES
 
     unknown = [
@@ -253,42 +299,42 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
-    rows = []
-    for case in cases:
-        cmd = [
-            sys.executable,
-            "-m",
-            "gpt2.bench",
-            "--preset",
-            preset,
-            "--worker",
-            case,
-            "--steps",
-            str(steps),
-            "--warmup",
-            str(warmup),
-            "--device",
-            args.device,
-            *[a for s in args.set for a in ("--set", s)],
-        ]
-        root = Path(__file__).resolve().parent.parent
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            rows.append({"case": case, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"})
-        else:
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"{case}: {rows[-1].get('ms_per_step', rows[-1].get('skipped'))}", file=sys.stderr, flush=True)
-    table = _table(preset, rows)
-    print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parent.parent
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        cmd = [sys.executable, "-m", "gpt2.bench", "--preset", preset, "--worker", case,
+               "--steps", str(steps), "--warmup", str(warmup), "--device", args.device,
+               *[a for s in args.set for a in ("--set", s)]]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                cmd, cwd=root, capture_output=True, text=True, check=False, timeout=args.case_timeout
+            )
+        except subprocess.TimeoutExpired:
+            rows.append({"case": case, "skipped": f"timed out after {args.case_timeout:g} s"})
+        else:
+            if proc.returncode != 0:
+                rows.append({"case": case, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{case}: {rows[-1].get('ms_per_step', rows[-1].get('skipped'))}", file=sys.stderr, flush=True)
+        # Written after every case, so a run cut off by a time limit keeps the rows it measured.
+        _write(out, preset, rows, {"steps": steps, "warmup": warmup, "extra": extra})
+    print((out / "bench.md").read_text(), end="")
+    return 0
+
+
+def _write(out: Path, preset: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    """bench.json and bench.md, rewritten whole after every case."""
+    measured = next((r for r in rows if "ms_per_step" in r), {})
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    where = f"{measured.get('device_name', '?')}, torch {measured.get('torch', '?')}"
+    table = f"Measured {when} on {where}.\n\n" + _table(preset, rows)
     (out / "bench.json").write_text(
-        json.dumps(
-            {"preset": preset, "steps": steps, "warmup": warmup, "extra": extra, "rows": rows}, indent=2
-        )
+        json.dumps({"preset": preset, "measured": when, **settings, "rows": rows}, indent=2)
     )
     (out / "bench.md").write_text(table + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,21 @@ def test_bench_writes_one_row_per_case_with_its_dtype(tmp_path) -> None:
         assert r["ms_per_step"] > 0 and r["tokens_per_step"] == 32 and r["final_loss"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "| vanilla:bfloat16 | bfloat16 |" in md
+    assert "| nanoGPT (2 AMD EPYC cores, fp32), published | float32 | 308.0 |" in md  # the anchor
+
+
+def test_a_case_past_its_time_limit_is_reported_and_the_table_still_written(tmp_path) -> None:
+    out = tmp_path / "out"
+    code = bench.main(["--preset", "tiny", "--cases", "vanilla", "--case-timeout", "0.01", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert rows == [{"case": "vanilla", "skipped": "timed out after 0.01 s"}]
+    assert "| vanilla | | skipped: timed out after 0.01 s |" in (out / "bench.md").read_text()
+
+
+def test_case_groups_name_known_cases() -> None:
+    assert set(bench.CORE) <= set(bench.CASES)
+    assert set(bench.ANCHORS) == set(bench.PRESETS)
 
 
 @pytest.mark.parametrize("case", ["nope", "vanilla:float8"])
