@@ -21,6 +21,9 @@ def _snapshot(trainer: Trainer) -> list[torch.Tensor]:
     return [t.detach().clone() for t in [*trainer.model.parameters(), *state]]
 
 
+# A magnitude-pruning schedule that updates the masks at every step from the first.
+PRUNE_FAST = dict(target_sparsity=0.5, pruning_warmup=1, pruning_frequency=1, pruning_ramp_end=4)
+
 # Optimizers whose step makes no host read: each skips a non-finite step on the device.
 ON_DEVICE = {
     "adamw": {},
@@ -29,10 +32,7 @@ ON_DEVICE = {
         optimizer="adamwprune",
         adamwprune_variant="bitter7",
         pruning_method="state",
-        target_sparsity=0.5,
-        pruning_warmup=1,
-        pruning_frequency=1,
-        pruning_ramp_end=4,
+        **PRUNE_FAST,
     ),
 }
 
@@ -97,3 +97,33 @@ def test_compile_mode_reaches_torch_compile(tiny_flags, monkeypatch, mode) -> No
     trainer.step_fn(trainer.data.train_batch, 1e-3)
     # CUDA graphs: every micro-step tells the graph trees that a new replay begins
     assert len(marks) == (2 if mode == "reduce-overhead" else 0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(architecture="unified-ra", ra_step="V6"),  # every RA / R-MLP mechanism
+        dict(architecture="unified-ra", ra_step="V2", pruning_method="magnitude", **PRUNE_FAST),
+        dict(optimizer="adamwspam", spam_interval=3, spam_warmup_steps=2),
+    ],
+    ids=["V6", "V2-magnitude", "adamwspam"],
+)
+def test_compiled_training_traces_once_for_training_and_once_for_evaluation(
+    tiny_flags, monkeypatch, overrides
+) -> None:
+    """No recompilation as steps, LR, mask updates, SPAM resets and evaluation come and go."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = _trainer(tiny_flags, compile=True, **overrides)
+    for step in range(1, 7):
+        trainer.step_fn(trainer.data.train_batch, 1e-3 * step)
+        for ext in trainer.extensions:
+            ext.on_step_end(step, trainer.model, trainer.optimizer)
+        if step % 3 == 0:
+            trainer.evaluate()
+    assert counters["frames"]["ok"] == 2, dict(counters["frames"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
