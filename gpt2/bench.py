@@ -80,9 +80,19 @@ CORE = ("vanilla", "V0", "V1", "adamwspam", "bitter7")
 
 
 def _worker(
-    preset: str, case: str, steps: int, warmup: int, device: str, extra: dict[str, Any]
+    preset: str,
+    case: str,
+    steps: int,
+    warmup: int,
+    device: str,
+    extra: dict[str, Any],
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Measure one case in this process; returns its figures."""
+    """Measure one case in this process; returns its figures.
+
+    ``profile``: a folder; after the timing, a few steps run under the PyTorch profiler and
+    their operator table (and a Chrome trace) are written there.
+    """
     import torch
 
     from gpt2.config import resolve
@@ -156,6 +166,8 @@ def _worker(
     for _ in range(min(steps, 10)):
         trainer.step_fn(next_batch, cfg.optim.learning_rate)
     trainer.optimizer.step = optimizer_step  # type: ignore[method-assign]
+    if profile is not None:
+        _profile(profile, case, lambda: trainer.step_fn(next_batch, cfg.optim.learning_rate), sync)
     n_all = sum(p.numel() for p in trainer.model.parameters())
     tokens = cfg.tokens_per_step
     tps = tokens / (ms / 1000)
@@ -179,6 +191,23 @@ def _worker(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def _profile(folder: Path, case: str, step: Any, sync: Any) -> None:
+    """Profile 3 steps: ``profile_<case>.txt`` (operators by self time) and ``trace_<case>.json``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(3):
+            step()
+        sync()
+    name = case.replace(":", "-")
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    (folder / f"profile_{name}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=50))
+    prof.export_chrome_trace(str(folder / f"trace_{name}.json"))
 
 
 def _table(preset: str, rows: list[dict[str, Any]]) -> str:
@@ -269,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         help="extra config override for every case, e.g. --set compile=true",
     )
     p.add_argument("--out", default=os.environ.get("OUT", "bench"), help="folder for bench.json and bench.md")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile 3 steps of each case: profile_<case>.txt (operators by self time) and "
+        "trace_<case>.json (chrome://tracing) in --out",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -286,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or {"tiny": 20, "gpt2-cpu": 5, "gpt2-gpu": 50}[preset]
     warmup = args.warmup if args.warmup is not None else (10 if compiled else 3)
 
+    out = Path(args.out)
     if args.worker:
-        print(json.dumps(_worker(preset, args.worker, steps, warmup, args.device, extra)))
+        profile = out if args.profile else None
+        print(json.dumps(_worker(preset, args.worker, steps, warmup, args.device, extra, profile)))
         return 0
 
     groups = {"all": list(CASES), "core": list(CORE)}
@@ -299,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parent.parent
     rows: list[dict[str, Any]] = []
     for case in cases:
         cmd = [sys.executable, "-m", "gpt2.bench", "--preset", preset, "--worker", case,
                "--steps", str(steps), "--warmup", str(warmup), "--device", args.device,
+               "--out", str(out.resolve()), *(["--profile"] if args.profile else []),
                *[a for s in args.set for a in ("--set", s)]]  # fmt: skip
         try:
             proc = subprocess.run(

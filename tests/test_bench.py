@@ -19,11 +19,11 @@ def test_set_values_parse_as_json_or_string() -> None:
     assert bench._parse_value("bfloat16") == "bfloat16"
 
 
-def test_bench_writes_one_row_per_case_with_its_dtype(tmp_path) -> None:
+def test_bench_writes_one_row_per_case_with_its_dtype_and_profiles(tmp_path) -> None:
     cmd = [
         sys.executable, "-m", "gpt2.bench", "--preset", "tiny", "--cases", "vanilla,vanilla:bfloat16",
         "--steps", "2", "--warmup", "1", "--set", "n_layer=1", "--set", "block_size=16",
-        "--set", "batch_size=2", "--device", "cpu", "--out", str(tmp_path),
+        "--set", "batch_size=2", "--device", "cpu", "--out", str(tmp_path), "--profile",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -35,6 +35,9 @@ def test_bench_writes_one_row_per_case_with_its_dtype(tmp_path) -> None:
     md = (tmp_path / "bench.md").read_text()
     assert "| vanilla:bfloat16 | bfloat16 |" in md
     assert "| nanoGPT (2 AMD EPYC cores, fp32), published | float32 | 308.0 |" in md  # the anchor
+    for name in ("vanilla", "vanilla-bfloat16"):  # --profile: operator tables and traces
+        assert "aten::mm" in (tmp_path / f"profile_{name}.txt").read_text()
+        assert json.loads((tmp_path / f"trace_{name}.json").read_text())["traceEvents"]
 
 
 def test_a_case_past_its_time_limit_is_reported_and_the_table_still_written(tmp_path) -> None:
