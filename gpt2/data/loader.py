@@ -128,7 +128,9 @@ class TokenBatches:
         if not self._prefetch:
             return self._windows(data, self._draw_starts())
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+            self._worker = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="batch-prefetch", initializer=self._worker_device()
+            )
         if self._next is None:
             batch = self._windows(data, self._draw_starts())
         else:
@@ -136,6 +138,17 @@ class TokenBatches:
         before = self._generator.get_state()
         self._next = (self._worker.submit(self._windows, data, self._draw_starts()), before)
         return batch
+
+    def _worker_device(self) -> Any:
+        """The worker thread's start-up: make this loader's GPU its current device.
+
+        The current CUDA device is per thread; without this, a torchrun rank's worker would pin
+        memory and queue copies through GPU 0's context.
+        """
+        if self.device.type != "cuda":
+            return None
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return lambda: torch.cuda.set_device(index)
 
     def _drop_prefetched(self) -> None:
         """Forget the batch prepared ahead; the generator goes back to before it was drawn."""
