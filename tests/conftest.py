@@ -14,6 +14,10 @@ from gpt2.model import GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Tests of device-specific paths run on every device this machine has (CI: the CPU only).
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
 _WORDS = (
     "the king queen lord lady sword crown castle night day love death war peace heart blood "
     "speak hear see come go stay fly fight sleep dream wake rise fall old young fair foul"

@@ -10,6 +10,7 @@ import torch
 
 from gpt2.data.loader import TokenBatches
 from gpt2.errors import UserError
+from tests.conftest import CUDA
 
 T, B = 16, 4
 N_TRAIN, N_VAL = 5000, 700
@@ -178,7 +179,7 @@ def test_split_shorter_than_a_window_is_refused(data_dir):
         loader(data_dir)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@CUDA
 def test_cuda_batches_match_cpu(data_dir):
     cpu, gpu = loader(data_dir, seed=5), loader(data_dir, seed=5, device="cuda")
     for _ in range(3):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt2.optim.spam import AdamWSPAM, rewarmup_multiplier
-from tests.conftest import HostReads
+from tests.conftest import DEVICES, HostReads
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -144,12 +144,12 @@ def test_resume_mid_rewarmup_continues_the_same_trajectory():
     assert torch.equal(p, whole)
 
 
-def _skip_on_host(grads: list[list[float]], **kw) -> tuple[torch.nn.Parameter, AdamWSPAM]:
+def _skip_on_host(grads: list[list[float]], device: str, **kw) -> tuple[torch.nn.Parameter, AdamWSPAM]:
     """The reference: a non-finite gradient's step is never called (what the trainer did by a host read)."""
-    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], device=device))
     opt = AdamWSPAM([p], fused=True, **kw)
     for g in grads:
-        p.grad = torch.tensor(g)
+        p.grad = torch.tensor(g, device=device)
         if all(math.isfinite(x) for x in g):
             opt.step()
     return p, opt
@@ -164,22 +164,23 @@ def _skip_on_host(grads: list[list[float]], **kw) -> tuple[torch.nn.Parameter, A
         (5, 7, 8, 9, 13),  # skips across the end of a re-warmup and the next reset
     ],
 )
-def test_skipping_on_the_device_follows_the_host_skip_exactly(bad):
+@pytest.mark.parametrize("device", DEVICES)
+def test_skipping_on_the_device_follows_the_host_skip_exactly(bad, device):
     """found_inf steps (no host read of the gradient) give the trajectory of never calling step()."""
     rng = torch.Generator().manual_seed(0)
     grads = [(torch.randn(2, generator=rng) * 0.3).tolist() for _ in range(18)]
     for i in bad:
         grads[i] = [float("nan"), 1.0]
     kw = dict(lr=0.1, weight_decay=0.1, interval=5, warmup_steps=3, enable_clip=True, theta=4.0)
-    ref, ref_opt = _skip_on_host(grads, **kw)
+    ref, ref_opt = _skip_on_host(grads, device, **kw)
 
-    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], device=device))
     opt = AdamWSPAM([p], fused=True, **kw)
     assert opt.skips_on_device
     reads = []
     for g in grads:
-        p.grad = torch.tensor(g)
-        opt.found_inf = torch.tensor(0.0 if all(math.isfinite(x) for x in g) else 1.0)
+        p.grad = torch.tensor(g, device=device)
+        opt.found_inf = torch.tensor(0.0 if all(math.isfinite(x) for x in g) else 1.0, device=device)
         with HostReads() as r:
             opt.step()
         reads.append(r.count)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from gpt2.config import resolve
 from gpt2.trainer.loop import Trainer
-from tests.conftest import HostReads
+from gpt2.trainer.run import train_once
+from tests.conftest import CUDA, DEVICES, HostReads
 
 
 def _trainer(tiny_flags: dict, **overrides) -> Trainer:
@@ -37,9 +40,10 @@ ON_DEVICE = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(ON_DEVICE))
-def test_training_step_reads_nothing_back_from_the_device(tiny_flags, name) -> None:
-    trainer = _trainer(tiny_flags, **ON_DEVICE[name])
+def test_training_step_reads_nothing_back_from_the_device(tiny_flags, name, device) -> None:
+    trainer = _trainer(tiny_flags, device=device, **ON_DEVICE[name])
     assert trainer.step_fn.device_skip
     trainer.step_fn(trainer.data.train_batch, 1e-3)  # creates the optimizer state first
     for ext in trainer.extensions:  # pruning: masks at some sparsity, so masking does real work
@@ -61,9 +65,12 @@ def test_spike_detection_keeps_the_host_check(tiny_flags) -> None:
     "name,device_skip",
     [("adamw", True), ("adamwspam", True), ("adamwprune", True), ("adamwspam", False)],
 )
-def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(tiny_flags, name, device_skip) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_step_leaves_weights_and_optimizer_state_untouched(
+    tiny_flags, name, device_skip, device
+) -> None:
     """On the device (the optimizer's found_inf) or by a host read: the same outcome."""
-    trainer = _trainer(tiny_flags, **ON_DEVICE[name])
+    trainer = _trainer(tiny_flags, device=device, **ON_DEVICE[name])
     trainer.step_fn.device_skip = device_skip
     trainer.step_fn(trainer.data.train_batch, 1e-3)
     before = _snapshot(trainer)
@@ -127,3 +134,22 @@ def test_compiled_training_traces_once_for_training_and_once_for_evaluation(
             trainer.evaluate()
     assert counters["frames"]["ok"] == 2, dict(counters["frames"])
     assert not counters["recompiles"], dict(counters["recompiles"])
+
+
+@pytest.mark.parametrize(
+    "device,dtype,mode",
+    [
+        pytest.param(
+            "cpu", "float32", "default",
+            marks=pytest.mark.skipif(shutil.which("g++") is None, reason="inductor needs a C++ compiler"),
+        ),
+        *[pytest.param("cuda", "bfloat16", m, marks=CUDA) for m in ("default", "reduce-overhead")],
+    ],
+)  # fmt: skip
+def test_compiled_training_learns(tiny_flags, device, dtype, mode) -> None:
+    """The real compiler (inductor; on CUDA also with CUDA graphs) trains: the loss falls from ln V."""
+    flags = dict(tiny_flags, device=device, dtype=dtype, compile=True, compile_mode=mode)
+    flags.update(max_iters=30, warmup_steps=5, learning_rate=3e-3, eval_interval=30)
+    results = train_once(resolve(flags))
+    assert results["bad_steps"] == 0
+    assert results["final_val_loss"] < 8.5  # ln(50304) = 10.8 at the start
