@@ -194,7 +194,7 @@ def _worker(
 
 
 def _profile(folder: Path, case: str, step: Any, sync: Any) -> None:
-    """Profile 3 steps: ``profile_<case>.txt`` (operators by self time) and ``trace_<case>.json``."""
+    """Profile 3 steps: ``profile_<case>.txt`` (operators by self time) and ``trace_<case>.json.gz``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -207,7 +207,7 @@ def _profile(folder: Path, case: str, step: Any, sync: Any) -> None:
     name = case.replace(":", "-")
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     (folder / f"profile_{name}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=50))
-    prof.export_chrome_trace(str(folder / f"trace_{name}.json"))
+    prof.export_chrome_trace(str(folder / f"trace_{name}.json.gz"))  # gzip: GPU traces run to 10s of MB
 
 
 def _table(preset: str, rows: list[dict[str, Any]]) -> str:
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         action="store_true",
         help="also profile 3 steps of each case: profile_<case>.txt (operators by self time) and "
-        "trace_<case>.json (chrome://tracing) in --out",
+        "trace_<case>.json.gz (chrome://tracing, Perfetto) in --out",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def test_bench_writes_one_row_per_case_with_its_dtype_and_profiles(tmp_path) -> 
     assert "| nanoGPT (2 AMD EPYC cores, fp32), published | float32 | 308.0 |" in md  # the anchor
     for name in ("vanilla", "vanilla-bfloat16"):  # --profile: operator tables and traces
         assert "aten::mm" in (tmp_path / f"profile_{name}.txt").read_text()
-        assert json.loads((tmp_path / f"trace_{name}.json").read_text())["traceEvents"]
+        assert json.loads(gzip.decompress((tmp_path / f"trace_{name}.json.gz").read_bytes()))["traceEvents"]
 
 
 def test_a_case_past_its_time_limit_is_reported_and_the_table_still_written(tmp_path) -> None:
