@@ -51,6 +51,18 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+    """This rank's saved RNG state (dropout), or None where the checkpoint has none for it.
+
+    Checkpoints keep every rank's state (``rng_ranks``); one saved at another world size has no
+    state for some ranks, and the oldest ones keep rank 0's alone (``rng``).
+    """
+    ranks = state.get("rng_ranks")
+    if ranks is not None:
+        return ranks[rank] if len(ranks) == world_size else None
+    return state["rng"] if world_size == 1 else None
+
+
 MAX_RESTARTS = 3  # self-healing restarts before a run gives up
 
 
@@ -215,7 +227,7 @@ class Trainer:
         return Path(r)
 
     def _state(self) -> dict[str, Any]:
-        """Everything a resume needs. Under FSDP a collective: every rank must call it."""
+        """Everything a resume needs. A collective (the ranks' RNG states): every rank must call it."""
         if self.fsdp:
             # Full (unsharded) tensors gathered to rank 0's CPU, optimizer state keyed by parameter
             # name: the file loads at any world size, and into a single process.
@@ -243,6 +255,7 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "data": self.data.state_dict(),
             "rng": _rng_state(self.device),
+            "rng_ranks": distributed.gather_objects(_rng_state(self.device), self.dist),
             "extensions": {e.name: e.state_dict() for e in self.extensions},
             "config": self.cfg.to_dict(),
             "model_config": self.gpt_config.to_dict(),
@@ -277,17 +290,20 @@ class Trainer:
         self.eval_time = float(state.get("eval_time", 0.0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self.data.load_state_dict(state["data"])
-        _set_rng_state(state["rng"], self.device)
+        rng = _rank_rng_state(state, self.dist.rank, self.dist.world_size)
+        if rng is not None:
+            _set_rng_state(rng, self.device)
+        else:  # another world size: each rank its own stream, never rank 0's copied to all
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.dist.rank + self.step)
         for e in self.extensions:
             e.load_state_dict(state.get("extensions", {}).get(e.name, {}))
 
     def save(self, last: bool = True, best: bool = False) -> None:
         """Write checkpoint_last.pt (with the numbered copies) and/or checkpoint_best.pt atomically.
 
-        Call it on every rank: rank 0 writes, and under FSDP gathering the state is collective.
+        Call it on every rank: rank 0 writes; gathering the ranks' RNG states (and under FSDP the
+        weights) is collective.
         """
-        if not self.dist.is_main and not self.fsdp:
-            return
         state = self._state()
         if not self.dist.is_main:
             return
@@ -386,7 +402,7 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         bar = self._progress_bar()
         last_eval: dict[str, float] = {}
-        stop_reason = "max_iters"
+        stop_reason, stopped_by_signal = "max_iters", False
         window_start, window_steps, window_time = time.perf_counter(), 0, 0.0
         # per-step "applied" flags of the current log window, kept on the device until logged
         applied_flags = torch.zeros(c.train.log_interval, device=self.device)
@@ -402,13 +418,16 @@ class Trainer:
                 # Ranks must agree to stop, which costs a collective: they check at log steps.
                 if not self.dist.enabled or self.step % c.train.log_interval == 0:
                     out_of_time = c.train.max_time > 0 and self.train_time >= c.train.max_time
-                    signalled = self._stop_signal is not None
-                    if distributed.any_rank(out_of_time or signalled, self.dist, self.device):
-                        stop_reason = (
-                            "max_time"
-                            if not signalled
-                            else f"signal {signal.Signals(self._stop_signal).name}"
-                        )
+                    out_of_time, signalled = distributed.any_rank(
+                        [out_of_time, self._stop_signal is not None], self.dist, self.device
+                    )
+                    if signalled:  # on this rank or another: every rank saves and stops
+                        local = self._stop_signal
+                        stop_reason = f"signal {signal.Signals(local).name if local else 'on another rank'}"
+                        stopped_by_signal = True
+                        break
+                    if out_of_time:
+                        stop_reason = "max_time"
                         break
                 lr = self.lr()
                 out = self.step_fn(self.data.train_batch, lr)
@@ -472,7 +491,7 @@ class Trainer:
         self.train_time = base_time + time.perf_counter() - seg_start
         if last_eval.get("step") != self.step:
             last_eval = self._evaluate_and_log(metrics, trackers, None)
-        if c.output.save_checkpoint or self._stop_signal is not None:
+        if c.output.save_checkpoint or stopped_by_signal:
             self.save()
         self.data.close()  # stops the prefetch worker and drops the batch it prepared
         results = self._results(last_eval, tokens_per_s, stop_reason, time.perf_counter() - start)

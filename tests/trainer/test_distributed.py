@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,57 @@ def test_ablation_mode_under_torchrun(tiny_flags, tmp_path) -> None:
     summary = json.loads((tmp_path / "abl" / "ablation_summary.json").read_text())
     assert [r["step"] for r in summary["by_step"]] == ["V0", "V1"]
     assert [r["status"] for r in summary["runs"]] == ["done", "done"]
+
+
+def test_ddp_resume_restores_each_ranks_dropout_stream(tiny_flags, tmp_path) -> None:
+    """With dropout, a resumed 2-rank run ends with the uninterrupted run's weights: every rank
+    gets its own RNG state back (not rank 0's copied to all)."""
+    flags = dict(_flags(tiny_flags, tmp_path / "full"), dropout=0.1, max_iters=6, checkpoint_interval=3)
+    _torchrun(dict(flags, keep_checkpoints=2))
+    mid = tmp_path / "full" / checkpoint.step_name(3)
+    assert len(checkpoint.load(mid)["rng_ranks"]) == 2
+    _torchrun(dict(flags, output_dir=str(tmp_path / "resumed"), resume=str(mid)))
+    a = checkpoint.load(tmp_path / "full" / checkpoint.LAST)["model"]
+    b = checkpoint.load(tmp_path / "resumed" / checkpoint.LAST)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun worker ``rank`` (a child of ``parent`` with RANK=rank), once it exists."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tiny_flags, tmp_path) -> None:
+    """SIGTERM reaching rank 1 alone: all ranks stop together, rank 0 writes the checkpoint."""
+    out = tmp_path / "out"
+    flags = dict(_flags(tiny_flags, out), max_iters=100000, save_checkpoint=False, log_interval=1)
+    port = str(_free_port())
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "--master_port", port, "gpt2/train.py", *as_argv(flags)]
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=pipe, stderr=pipe, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics.jsonl"
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 4:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        pid = _rank_pid(proc.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["stop_reason"] == "signal on another rank"  # rank 0 writes results.json
+    assert checkpoint.load(out / checkpoint.LAST)["step"] == results["iters"] > 0
