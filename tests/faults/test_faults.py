@@ -126,8 +126,14 @@ def test_planted_nan_step_is_skipped_and_counted(tiny_flags) -> None:
     assert [e["step"] for e in events if e.get("event") == "nonfinite_step_skipped"] == [4]
 
 
-def test_consecutive_nan_steps_reload_last_checkpoint_with_lower_lr(tiny_flags) -> None:
+SPAM_SHORT = dict(optimizer="adamwspam", spam_interval=5, spam_warmup_steps=2)
+
+
+@pytest.mark.parametrize("optimizer", [{}, SPAM_SHORT], ids=["adamw", "spam"])
+def test_consecutive_nan_steps_reload_last_checkpoint_with_lower_lr(tiny_flags, optimizer) -> None:
+    """Both skip on the device; SPAM's own count also goes back with the checkpoint."""
     flags = dict(tiny_flags, max_iters=12, save_checkpoint=True, checkpoint_interval=4, max_bad_steps=3)
+    flags.update(optimizer)
     trainer = _trainer_with_poison(flags, bad_calls={6, 7, 8})
     results = trainer.fit()
     assert results["restarts"] == 1 and results["bad_steps"] == 3 and results["iters"] == 12
@@ -135,6 +141,9 @@ def test_consecutive_nan_steps_reload_last_checkpoint_with_lower_lr(tiny_flags) 
     events = [json.loads(x) for x in Path(flags["output_dir"], "metrics.jsonl").read_text().splitlines()]
     restart = [e for e in events if e.get("event") == "restart"]
     assert restart == [{"step": 4, "event": "restart", "from_step": 8, "lr_scale": 0.5}]
+    if optimizer:  # 12 applied steps after the reload to step 4: 4 + 8, resets at 5 and 10
+        assert trainer.optimizer.state_dict()["spam"]["step"] == 12
+        assert trainer.optimizer.state_dict()["spam"]["resets"] == 2
 
 
 def test_nan_without_checkpoint_fails_clearly(tiny_flags) -> None:
