@@ -253,6 +253,9 @@ class Trainer:
             "train_time": self.train_time,
             "eval_time": self.eval_time,
             "lr_scale": self.lr_scale,
+            "bad_steps": self.bad_steps,
+            "restarts": self.restarts,
+            "consecutive_bad": self.consecutive_bad,
             "data": self.data.state_dict(),
             "rng": _rng_state(self.device),
             "rng_ranks": distributed.gather_objects(_rng_state(self.device), self.dist),
@@ -289,6 +292,9 @@ class Trainer:
         self.train_time = float(state["train_time"])
         self.eval_time = float(state.get("eval_time", 0.0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self.restarts = int(state.get("restarts", 0))
+        self.consecutive_bad = int(state.get("consecutive_bad", 0))
         self.data.load_state_dict(state["data"])
         rng = _rank_rng_state(state, self.dist.rank, self.dist.world_size)
         if rng is not None:
@@ -440,7 +446,9 @@ class Trainer:
                     ext.on_step_end(self.step, self.model, self.optimizer)
                 if bar is not None:
                     bar.update(1)
-                if self.step % c.train.log_interval == 0 or self.step == self.max_iters:
+                save_due = c.output.save_checkpoint and self.step % c.output.checkpoint_interval == 0
+                # A checkpoint step is also a log step, so the checkpoint counts every skipped step.
+                if self.step % c.train.log_interval == 0 or self.step == self.max_iters or save_due:
                     now = time.perf_counter()
                     window_time += now - window_start
                     # the loop's host reads, once per log step: which steps were applied, the loss
@@ -477,7 +485,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     last_eval = self._evaluate_and_log(metrics, trackers, bar)
                     window_start += time.perf_counter() - t0  # evaluation is not training throughput
-                if c.output.save_checkpoint and self.step % c.output.checkpoint_interval == 0:
+                if save_due:
                     t0 = time.perf_counter()
                     self.save()
                     window_start += time.perf_counter() - t0
@@ -537,10 +545,10 @@ class Trainer:
                 "lower --learning-rate (and use --save-checkpoint so the run can heal itself)"
             )
         scale = self.lr_scale * 0.5
-        bad_step = step
-        self._restore(checkpoint.load(last), last)
-        self.lr_scale, self.consecutive_bad = scale, 0
-        self.restarts += 1
+        bad_step, bad_steps, restarts = step, self.bad_steps, self.restarts
+        self._restore(checkpoint.load(last), last)  # the counts carry on: they describe the whole run
+        self.lr_scale, self.consecutive_bad, self.bad_steps = scale, 0, bad_steps
+        self.restarts = restarts + 1
         metrics.write({"step": self.step, "event": "restart", "from_step": bad_step, "lr_scale": scale})
         self._write(bar, f"restarted from {last} at step {self.step} with the LR scaled by {scale:g}")
         return True

@@ -220,3 +220,14 @@ def test_corrupt_data_file_without_source_names_the_file(tiny_flags, tmp_path) -
     (folder / "val.bin").write_bytes(np.arange(999, dtype=np.uint16).tobytes() + b"x")
     with pytest.raises(UserError, match=r"val\.bin"):
         train_once(resolve(dict(tiny_flags, dataset=str(folder), max_iters=1)))
+
+
+def test_skipped_steps_are_counted_in_checkpoints_and_across_a_resume(tiny_flags, tmp_path) -> None:
+    """A NaN step between log steps is in the next checkpoint, and a resumed run's results count it."""
+    flags = dict(tiny_flags, max_iters=8, log_interval=4, save_checkpoint=True, checkpoint_interval=6)
+    results = _trainer_with_poison(dict(flags, keep_checkpoints=2), bad_calls={5}).fit()
+    assert results["bad_steps"] == 1
+    mid = Path(flags["output_dir"]) / checkpoint.step_name(6)
+    assert checkpoint.load(mid)["bad_steps"] == 1
+    resumed = train_once(resolve(dict(flags, output_dir=str(tmp_path / "resumed"), resume=str(mid))))
+    assert resumed["bad_steps"] == 1 and resumed["iters"] == 8
