@@ -167,7 +167,8 @@ def _worker(
         trainer.step_fn(next_batch, cfg.optim.learning_rate)
     trainer.optimizer.step = optimizer_step  # type: ignore[method-assign]
     if profile is not None:
-        _profile(profile, case, lambda: trainer.step_fn(next_batch, cfg.optim.learning_rate), sync)
+        step = lambda: trainer.step_fn(next_batch, cfg.optim.learning_rate)
+        _profile(profile, case, step, sync, cuda=trainer.device.type == "cuda")
     n_all = sum(p.numel() for p in trainer.model.parameters())
     tokens = cfg.tokens_per_step
     tps = tokens / (ms / 1000)
@@ -193,12 +194,10 @@ def _worker(
     }
 
 
-def _profile(folder: Path, case: str, step: Any, sync: Any) -> None:
+def _profile(folder: Path, case: str, step: Any, sync: Any, cuda: bool) -> None:
     """Profile 3 steps: ``profile_<case>.txt`` (operators by self time) and ``trace_<case>.json.gz``."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(3):
@@ -334,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [
         c for c in cases if c.partition(":")[0] not in CASES or c.partition(":")[2] not in ("", *DTYPES)
     ]
-    if unknown:
+    if unknown or not cases:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parent.parent

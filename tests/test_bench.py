@@ -55,7 +55,7 @@ def test_case_groups_name_known_cases() -> None:
     assert set(bench.ANCHORS) == set(bench.PRESETS)
 
 
-@pytest.mark.parametrize("case", ["nope", "vanilla:float8"])
+@pytest.mark.parametrize("case", ["nope", "vanilla:float8", ","])
 def test_unknown_case_is_a_usage_error(case, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         bench.main(["--cases", case])

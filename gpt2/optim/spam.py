@@ -31,11 +31,12 @@ then skipped by the kernel and the step does not count, so the trainer never has
 gradient norm back to the host. ``t`` still counts applied steps exactly: the host keeps an
 upper bound (the calls), the device the number of skipped calls, and the host reads that number
 back only at a step where SPAM could act on it: a reset step, the step right after it (did the
-reset step apply?) and the end of a re-warmup. That is at most three reads per ``interval``
-steps, none with ``interval = 0``. A reset on a step that may be skipped is applied on the device
+reset step apply?), the end of a re-warmup, and with clipping the second step (clipping needs
+one applied step's ``v``). That is at most three reads per ``interval`` steps, none with
+``interval = 0`` and no clipping. A reset on a step that may be skipped is applied on the device
 (moments times ``found_inf``), and inside a re-warmup with skips not yet read back the LR
-multiplier is computed on the device (a tensor LR, which the fused kernel takes). Both give the
-same trajectory as skipping the call on the host (tested).
+multiplier is computed on the device in float64 (a tensor LR, which the fused kernel takes).
+Both give the trajectory of skipping the call on the host (tested to 1e-7 relative).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class AdamWSPAM(torch.optim.AdamW):
         s = self.spam
         self._settle(s["step"] + 1)
         t = s["step"] + 1  # exact, or an upper bound while skips are not read back (then no event is due)
-        if self.enable_clip:
+        if self.enable_clip and t >= 2:  # (a skipped first call leaves v = 0: no clipping against it)
             self._clip_spikes()
         if self.spike_detection:
             self._detect_spike()
@@ -163,7 +164,10 @@ class AdamWSPAM(torch.optim.AdamW):
                 self._pending_reset = t
         scale = self._lr_multiplier(t)
         lrs = [g["lr"] for g in self.param_groups]
-        if not (isinstance(scale, float) and scale == 1.0):
+        if isinstance(scale, Tensor):  # float64 like the host's value, rounded to fp32 like the kernel
+            for g in self.param_groups:
+                g["lr"] = (scale * g["lr"]).float()
+        elif scale != 1.0:
             for g in self.param_groups:
                 g["lr"] = g["lr"] * scale
         try:
@@ -188,6 +192,7 @@ class AdamWSPAM(torch.optim.AdamW):
             or self._pending_reset is not None
             or (self.interval > 0 and t_next % self.interval == 0)
             or (self.warmup_steps > 0 and t_next == self.spam["warmup_until"])
+            or (self.enable_clip and t_next == 2)  # clipping starts with the second applied step
         )
         if not due:
             return
@@ -219,7 +224,7 @@ class AdamWSPAM(torch.optim.AdamW):
         if not self._unsure or t >= until:
             return rewarmup_multiplier(t, until, w)
         assert self._skipped is not None
-        p = (self._skipped.neg() + (t - until + w)) / w
+        p = (self._skipped.double().neg() + (t - until + w)) / w
         return p.mul_(math.pi).cos_().neg_().add_(1.0).mul_(0.5).clamp_min_(1e-3)
 
     def _prepare_grads(self) -> None:

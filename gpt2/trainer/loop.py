@@ -496,12 +496,13 @@ class Trainer:
                 signal.signal(s, h)
             if bar is not None:
                 bar.close()
+            # No batch is needed any more; the data state rewinds to exclude the one prepared ahead.
+            self.data.close()
         self.train_time = base_time + time.perf_counter() - seg_start
         if last_eval.get("step") != self.step:
             last_eval = self._evaluate_and_log(metrics, trackers, None)
         if c.output.save_checkpoint or stopped_by_signal:
             self.save()
-        self.data.close()  # stops the prefetch worker and drops the batch it prepared
         results = self._results(last_eval, tokens_per_s, stop_reason, time.perf_counter() - start)
         if self.dist.is_main:
             write_json_atomic(self.out_dir / "results.json", results)
