@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -343,22 +344,29 @@ def main(argv: list[str] | None = None) -> int:
                "--steps", str(steps), "--warmup", str(warmup), "--device", args.device,
                "--out", str(out.resolve()), *(["--profile"] if args.profile else []),
                *[a for s in args.set for a in ("--set", s)]]  # fmt: skip
-        try:
-            proc = subprocess.run(
-                cmd, cwd=root, capture_output=True, text=True, check=False, timeout=args.case_timeout
-            )
-        except subprocess.TimeoutExpired:
-            rows.append({"case": case, "skipped": f"timed out after {args.case_timeout:g} s"})
-        else:
-            if proc.returncode != 0:
-                rows.append({"case": case, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"})
-            else:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        rows.append(_run_case(case, cmd, root, args.case_timeout))
         print(f"{case}: {rows[-1].get('ms_per_step', rows[-1].get('skipped'))}", file=sys.stderr, flush=True)
         # Written after every case, so a run cut off by a time limit keeps the rows it measured.
         _write(out, preset, rows, {"steps": steps, "warmup": warmup, "extra": extra})
     print((out / "bench.md").read_text(), end="")
     return 0
+
+
+def _run_case(case: str, cmd: list[str], root: Path, timeout: float | None) -> dict[str, Any]:
+    """One case's worker process (in its own process group, so a timeout also ends the compiler
+    processes it started); its JSON row, or a row saying why there is none."""
+    proc = subprocess.Popen(
+        cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"case": case, "skipped": f"timed out after {timeout:g} s"}
+    if proc.returncode != 0:
+        return {"case": case, "skipped": f"failed: {stderr.strip().splitlines()[-1:]}"}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def _write(out: Path, preset: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
