@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 
 import pytest
@@ -154,3 +155,21 @@ def test_compiled_training_learns(tiny_flags, device, dtype, mode) -> None:
     results = train_once(resolve(flags))
     assert results["bad_steps"] == 0
     assert results["final_val_loss"] < 8.5  # ln(50304) = 10.8 at the start
+
+
+@pytest.mark.parametrize("name", list(ON_DEVICE))
+def test_steps_keep_no_growing_set_of_tensors(tiny_flags, name) -> None:
+    """A long run's step holds on to nothing from earlier steps (outputs, flags, SPAM counters)."""
+    spam = dict(spam_interval=4, spam_warmup_steps=2) if name == "adamwspam" else {}
+    trainer = _trainer(tiny_flags, **ON_DEVICE[name], **spam)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    for _ in range(4):
+        trainer.step_fn(trainer.data.train_batch, 1e-3)
+    before = live_tensors()
+    for _ in range(12):  # three SPAM resets and re-warmups
+        trainer.step_fn(trainer.data.train_batch, 1e-3)
+    assert live_tensors() == before
