@@ -35,7 +35,7 @@ def _fused_ok(model: nn.Module) -> bool:
     return len(devices) == 1 and devices <= {"cuda", "cpu"}
 
 
-def _adamw(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.learning_rate,
@@ -45,7 +45,7 @@ def _adamw(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
     )
 
 
-def _adam(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+def _adam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
     # Plain Adam would couple decay into the gradient (L2); as in the reference it gets none.
     return torch.optim.Adam(
         param_groups(model, 0.0),
@@ -56,12 +56,13 @@ def _adam(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
     )
 
 
-def _sgd(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+def _sgd(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, momentum=0.9)
 
 
-def _spam_settings(cfg: OptimSection) -> dict[str, Any]:
+def _spam_settings(cfg: OptimSection, compile: bool) -> dict[str, Any]:
     return dict(
+        compile_clip=compile and cfg.spam_enable_clip,
         theta=cfg.spam_theta,
         interval=cfg.spam_interval,
         warmup_steps=cfg.spam_warmup_steps,
@@ -70,7 +71,7 @@ def _spam_settings(cfg: OptimSection) -> dict[str, Any]:
     )
 
 
-def _adamwspam(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+def _adamwspam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
     return AdamWSPAM(
         param_groups(model, cfg.weight_decay),
         lr=cfg.learning_rate,
@@ -78,14 +79,14 @@ def _adamwspam(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
         eps=1e-8,
         amsgrad=cfg.spam_amsgrad,
         fused=_fused_ok(model),
-        **_spam_settings(cfg),
+        **_spam_settings(cfg, compile),
     )
 
 
-def _adamwprune(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+def _adamwprune(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
     # The default prunable set (block Linear weights); the pruning extension widens it for
     # --prune-embeddings before the first step.
-    spam = _spam_settings(cfg) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {}
+    spam = _spam_settings(cfg, compile) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {}
     return AdamWPrune(
         param_groups(model, cfg.adamwprune_weight_decay),
         prunable=prunable_parameters(model),
@@ -99,7 +100,7 @@ def _adamwprune(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
     )
 
 
-OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSection], torch.optim.Optimizer]] = {
+OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSection, bool], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamwspam": _adamwspam,
     "adamwprune": _adamwprune,
@@ -108,11 +109,15 @@ OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSection], torch.optim.Op
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` names, over ``model``'s trainable parameters."""
+def build_optimizer(model: nn.Module, cfg: OptimSection, compile: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names, over ``model``'s trainable parameters.
+
+    ``compile``: the run compiles (``--compile``), so optimizer work that torch.compile fuses
+    (SPAM's clipping) is compiled too.
+    """
     try:
         builder = OPTIMIZER_BUILDERS[cfg.optimizer]
     except KeyError:
         known = sorted(OPTIMIZER_BUILDERS)
         raise ValueError(f"optimizer {cfg.optimizer!r} is not available; known: {known}") from None
-    return builder(model, cfg)
+    return builder(model, cfg, compile)

@@ -111,7 +111,8 @@ class Trainer:
             for block in self.model.transformer.h:
                 fully_shard(block)
             fully_shard(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        # (not under FSDP: its DTensor gradients stay on the eager path)
+        self.optimizer = build_optimizer(self.model, cfg.optim, compile=cfg.model.compile and not self.fsdp)
         mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
         self.eval_model = torch.compile(self.model, mode=mode) if cfg.model.compile else self.model
         forward_model = self.eval_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -197,3 +198,31 @@ def test_skipping_on_the_device_follows_the_host_skip_exactly(bad, device):
     if not bad:  # + the second step: clipping starts there
         assert [t for t, n in enumerate(reads, start=1) if n] == [2, 5, 6, 8, 10, 11, 13, 15, 16, 18]
     assert sum(reads) <= 1 + 3 * (len(grads) // 5) + 2 * len(bad)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_clipping_equals_the_eager_form_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(0)
+    scales = (1, 1, 20, 1, 30, 1)  # spikes at steps 3 and 5
+    grads = [[torch.randn(3, 4, generator=gen) * s, torch.randn(5, generator=gen) * s] for s in scales]
+    kw = dict(lr=0.1, weight_decay=0.1, interval=0, enable_clip=True, theta=2.0)
+
+    def train(**extra):
+        params = [torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(5))]
+        opt = AdamWSPAM(params, fused=True, **{**kw, **extra})
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return params
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = train(), train(compile_clip=True)
+    assert counters["frames"]["ok"] == 1 and not counters["recompiles"]  # one group, one graph
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    unclipped = train(enable_clip=False)  # the spikes at steps 3 and 5 were clipped
+    assert not torch.allclose(eager[0], unclipped[0], rtol=1e-3)
