@@ -338,7 +338,8 @@ class Trainer:
                 batches = tqdm(batches, total=self.cfg.train.eval_samples, desc=f"eval {split}", leave=False)
             for x, y in batches:
                 with autocast(self.device, self.dtype):
-                    losses.append(self.eval_model(x, y).float())
+                    # a copy: under CUDA graphs the next replay reuses the output's memory
+                    losses.append(self.eval_model(x, y).float().clone())
             t = torch.stack(losses)
             # sum, sum of squares and count over every rank's share of the fixed windows
             count = torch.tensor(float(len(losses)), device=t.device)
