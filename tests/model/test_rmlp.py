@@ -69,7 +69,8 @@ def test_reciprocal_gate_zero_equals_a_baseline_mlp_of_the_standard_width() -> N
 
 @pytest.mark.parametrize(("mixer", "gates"), [(False, False), (True, False), (False, True), (True, True)])
 def test_every_variant_equals_the_explicit_formula(mixer: bool, gates: bool) -> None:
-    """h = [w_std·GELU(up_std x) | w_rec·α·(M·GELU(up_low x) + b)], y = down(h)."""
+    """h = [w_std·GELU(up_std x) | w_rec·α·(M·GELU(up_low x) + b)], y = down(h): outputs and the
+    gradient of every parameter (the module folds gates and mixer into the weights)."""
     r = ReciprocalMLP(mlp_config(rmlp_mixer=mixer, rmlp_gates=gates)).double()
     randomize(r, seed=3)
     x = x64(4)
@@ -80,7 +81,13 @@ def test_every_variant_equals_the_explicit_formula(mixer: bool, gates: bool) -> 
     if gates:
         h_low = h_low * r.gate_alpha
     h = torch.cat([r.w_std * h_std, r.w_rec * h_low], dim=-1)
-    torch.testing.assert_close(r(x), h @ r.down.weight.T + r.down.bias, rtol=0, atol=1e-12)
+    expected = h @ r.down.weight.T + r.down.bias
+    params = list(r.parameters())
+    want = torch.autograd.grad((expected * expected).sum(), params)
+    got = r(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    for p, g, w in zip(params, torch.autograd.grad((got * got).sum(), params), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=str(p.shape))
 
 
 def test_mixer_starts_as_the_identity_so_v4_starts_as_v3() -> None:
