@@ -62,7 +62,7 @@ def _sgd(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Opti
 
 def _spam_settings(cfg: OptimSection, compile: bool) -> dict[str, Any]:
     return dict(
-        compile_clip=compile and cfg.spam_enable_clip,
+        compile_clip=compile,
         theta=cfg.spam_theta,
         interval=cfg.spam_interval,
         warmup_steps=cfg.spam_warmup_steps,

@@ -44,6 +44,7 @@ Both give the trajectory of skipping the call on the host (tested to 1e-7 relati
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Iterator
@@ -58,12 +59,16 @@ SPIKE_MIN_HISTORY = 10
 SPIKE_Z = 2.0
 
 
-def rewarmup_multiplier(step: int, warmup_until: int, warmup_steps: int) -> float:
+def rewarmup_multiplier(step: int | Tensor, warmup_until: int, warmup_steps: int) -> float | Tensor:
     """LR multiplier at 1-based optimizer ``step`` when the last reset set ``warmup_until``.
 
     ``max(1e-3, ½(1 − cos πp))`` with ``p = (warmup_steps − (warmup_until − step)) / warmup_steps``
-    while ``step < warmup_until``; 1 otherwise.
+    while ``step < warmup_until``; 1 otherwise. ``step`` may be a float64 device scalar known to
+    lie inside the window (the device-skip path: no host read); the result is then one too.
     """
+    if isinstance(step, Tensor):
+        p = (warmup_steps - (warmup_until - step)) / warmup_steps
+        return (0.5 * (1.0 - torch.cos(math.pi * p))).clamp_min(1e-3)
     if warmup_steps <= 0 or step >= warmup_until:
         return 1.0
     p = (warmup_steps - (warmup_until - step)) / warmup_steps
@@ -77,7 +82,10 @@ def _clip_fused(grads: list[Tensor], vs: list[Tensor], theta: float) -> None:
         g.copy_(torch.maximum(torch.minimum(g, thr), -thr))
 
 
-_clip_compiled: Callable[[list[Tensor], list[Tensor], float], None] | None = None
+@functools.cache
+def _clip_compiled() -> Callable[[list[Tensor], list[Tensor], float], None]:
+    """:func:`_clip_fused` through torch.compile, built on first use (once per process)."""
+    return torch.compile(_clip_fused)
 
 
 def _chunks(*lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
@@ -240,8 +248,7 @@ class AdamWSPAM(torch.optim.AdamW):
         if not self._unsure or t >= until:
             return rewarmup_multiplier(t, until, w)
         assert self._skipped is not None
-        p = (self._skipped.double().neg() + (t - until + w)) / w
-        return p.mul_(math.pi).cos_().neg_().add_(1.0).mul_(0.5).clamp_min_(1e-3)
+        return rewarmup_multiplier(t - self._skipped.double(), until, w)
 
     def _prepare_grads(self) -> None:
         """Hook for subclasses: adjust the gradients before anything reads them (AdamWPrune masks them)."""
@@ -265,13 +272,10 @@ class AdamWSPAM(torch.optim.AdamW):
 
     def _clip_spikes(self) -> None:
         """g <- clamp(g, -sqrt(theta·(v + 1e-12)), +sqrt(theta·(v + 1e-12))), where v exists."""
-        global _clip_compiled
         for group in self.param_groups:
             grads, vs = self._with_state(group, "exp_avg_sq")
             if self.compile_clip and grads:
-                if _clip_compiled is None:
-                    _clip_compiled = torch.compile(_clip_fused)
-                _clip_compiled(grads, vs, self.theta)
+                _clip_compiled()(grads, vs, self.theta)
                 continue
             for g, v in _chunks(grads, vs):
                 thr = torch._foreach_add(v, 1e-12)

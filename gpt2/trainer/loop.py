@@ -55,7 +55,7 @@ def _rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> dict[s
     """This rank's saved RNG state (dropout), or None where the checkpoint has none for it.
 
     Checkpoints keep every rank's state (``rng_ranks``); one saved at another world size has no
-    state for some ranks, and the oldest ones keep rank 0's alone (``rng``).
+    state for some ranks, and older ones keep rank 0's alone (``rng``).
     """
     ranks = state.get("rng_ranks")
     if ranks is not None:
@@ -258,7 +258,6 @@ class Trainer:
             "restarts": self.restarts,
             "consecutive_bad": self.consecutive_bad,
             "data": self.data.state_dict(),
-            "rng": _rng_state(self.device),
             "rng_ranks": distributed.gather_objects(_rng_state(self.device), self.dist),
             "extensions": {e.name: e.state_dict() for e in self.extensions},
             "config": self.cfg.to_dict(),

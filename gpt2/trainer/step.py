@@ -108,14 +108,14 @@ class TrainStep:
         full_norm = (
             grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         )  # FSDP DTensor
-        finite = torch.isfinite(full_norm)
-        if self.skip_nonfinite and not self.device_skip and not self.scaler.is_enabled() and not bool(finite):
+        applied = torch.isfinite(full_norm).float()  # 1.0, or 0.0 for a step to skip
+        if self.skip_nonfinite and not self.device_skip and not self.scaler.is_enabled() and not applied:
             self.optimizer.zero_grad(set_to_none=True)
-            return StepOutput(total, full_norm, finite.float())
+            return StepOutput(total, full_norm, applied)
         if self.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, grad_norm, foreach=True)
         if self.device_skip:
-            self.optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            self.optimizer.found_inf = 1.0 - applied  # type: ignore[attr-defined]
             try:
                 self.optimizer.step()
             finally:
@@ -127,8 +127,7 @@ class TrainStep:
         for ext in self.extensions:
             ext.after_optimizer_step(self.model, self.optimizer)
         checked = self.skip_nonfinite and not self.scaler.is_enabled()  # fp16: the scaler's business
-        applied = finite.float() if checked else torch.ones((), device=self.device)
-        return StepOutput(total, full_norm, applied)
+        return StepOutput(total, full_norm, applied if checked else torch.ones((), device=self.device))
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
         """Reduce gradients across ranks only on the last micro-step (DDP and FSDP2)."""
