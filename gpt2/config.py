@@ -29,6 +29,7 @@ BITTER_VARIANTS = tuple(f"bitter{i}" for i in range(10))
 BITTER_EXTRA_ITERS: dict[str, float] = {"bitter2": 0.21, **{f"bitter{i}": 0.30 for i in (3, 4, 5, 6, 8, 9)}}
 PRUNING_RAMP_FRACTION = 0.8  # default ramp end, as a fraction of --max-iters
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 TRACKERS = ("none", "wandb", "trackio")
 KNOWN_DATASETS = ("shakespeare", "finewebedu", "openwebtext")
 
@@ -78,6 +79,12 @@ class ModelSection:
     )
     flash_attention: bool = opt(
         False, "accepted for compatibility; SDPA already picks the flash kernel when it can"
+    )
+    sdpa_backend: str = opt(
+        "auto",
+        "attention kernel: auto lets PyTorch choose (flash on most GPUs); flash, cudnn, efficient or "
+        "math use that one alone and fail loudly where it cannot run (cudnn and efficient need CUDA)",
+        choices=SDPA_BACKENDS,
     )
 
 

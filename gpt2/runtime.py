@@ -83,6 +83,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def select_sdpa_backend(name: str, device: torch.device) -> None:
+    """Let ``F.scaled_dot_product_attention`` use the named kernel alone ('auto': PyTorch's choice).
+
+    Process-wide, as PyTorch's switches are; set before the first forward, so ``torch.compile``
+    traces the chosen kernel. PyTorch's automatic order takes flash-attention 2 before cuDNN
+    even on Hopper, where cuDNN's kernel is the faster one, hence the option. A named kernel is
+    used exclusively: where it cannot run, SDPA raises (with PyTorch's reasons) rather than
+    falling back to the slow math path unnoticed. 'auto' re-enables every kernel.
+    """
+    if name != "auto" and device.type != "cuda" and name not in ("flash", "math"):
+        raise ConfigError(f"--sdpa-backend {name} needs CUDA; on {device.type} use auto, flash or math")
+    b = torch.backends.cuda
+    b.enable_flash_sdp(name in ("auto", "flash"))
+    b.enable_cudnn_sdp(name in ("auto", "cudnn"))
+    b.enable_mem_efficient_sdp(name in ("auto", "efficient"))
+    b.enable_math_sdp(name in ("auto", "math"))
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> Any:
     """Autocast context for the forward pass (a no-op context for float32)."""
     if dtype is torch.float32:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from gpt2 import bench
 from tests.conftest import REPO
@@ -61,3 +62,24 @@ def test_unknown_case_is_a_usage_error(case, capsys) -> None:
         bench.main(["--cases", case])
     assert e.value.code == 2
     assert "unknown case" in capsys.readouterr().err
+
+
+def test_a_case_this_machine_cannot_run_is_a_row_saying_why() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("cuDNN attention runs here")
+    row = bench._worker("tiny", "vanilla-cudnn", steps=1, warmup=0, device="cpu", extra={})
+    assert row == {
+        "case": "vanilla-cudnn",
+        "skipped": "--sdpa-backend cudnn needs CUDA; on cpu use auto, flash or math",
+    }
+
+
+def test_the_workloads_are_nanogpts_configuration() -> None:
+    """The anchors ran nanoGPT with its own defaults (no biases, no dropout); so do our rows."""
+    from gpt2.config import resolve
+
+    for preset in bench.PRESETS:
+        cfg = resolve({**bench.PRESETS[preset], **bench.CASES["vanilla"]})
+        assert (cfg.model.bias, cfg.model.dropout) == (False, 0.0), preset
+        ref = resolve({**bench.PRESETS[preset], **bench.CASES["vanilla-ref"]})
+        assert (ref.model.bias, ref.model.dropout) == (True, 0.1), preset

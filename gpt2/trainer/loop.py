@@ -29,6 +29,7 @@ from gpt2.runtime import (
     process_age_s,
     resolve_device,
     resolve_dtype,
+    select_sdpa_backend,
 )
 from gpt2.track.metrics import MetricsLog, environment, write_json_atomic
 from gpt2.track.perf import mfu
@@ -87,6 +88,7 @@ class Trainer:
         self.dist = distributed.from_env()
         self.device = distributed.init(self.dist, resolve_device(cfg.train.device))
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
+        select_sdpa_backend(cfg.model.sdpa_backend, self.device)
         self.out_dir = Path(cfg.output.output_dir)
         self.log_to_console = not cfg.train.quiet and self.dist.is_main
 

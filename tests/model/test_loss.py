@@ -115,3 +115,45 @@ def test_model_with_the_chunked_loss_traces_as_one_graph(dtype) -> None:
     loss.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
     assert model.lm_head.weight.grad is not None
+
+
+def test_compiled_bf16_loss_keeps_no_fp32_logits_for_backward() -> None:
+    """The compiled path (what CUDA runs with --compile): between forward and backward the 50k-wide
+    logits are kept once, in bf16, with two per-row statistics; never as fp32 log-probabilities.
+
+    The backend below is inductor's front half (its decompositions and its min-cut partitioner),
+    recording what the forward graph saves; without the decompositions the partitioner would keep
+    the fp32 log-softmax (twice the memory), so this checks a property of the whole compiled path.
+    """
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor.decomposition import select_decomp_table
+
+    saved: list[torch.Tensor] = []
+
+    def forward_compiler(gm, _inputs):
+        (outputs,) = (n.args[0] for n in gm.graph.nodes if n.op == "output")
+        saved.extend(o.meta["val"] for o in outputs if hasattr(o, "meta") and "val" in o.meta)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(
+            gm,
+            inputs,
+            fw_compiler=forward_compiler,
+            bw_compiler=lambda g, _: make_boxed_func(g.forward),
+            partition_fn=min_cut_rematerialization_partition,
+            decompositions=select_decomp_table(),
+        )
+
+    n, c, v = 64, 16, 1000
+    h, w = torch.randn(n, c, requires_grad=True), torch.randn(v, c, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.compile(lm.lm_loss, backend=backend, fullgraph=True)(h, w, targets)
+    loss.backward()
+    wide = [t for t in saved if t.dim() == 2 and t.shape[1] == v and t.shape[0] == n]
+    assert [t.dtype for t in wide] == [torch.bfloat16], [(tuple(t.shape), t.dtype) for t in saved]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), targets)
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,100 @@
+"""Process-level settings: the attention kernel switch reaches SDPA, and refuses what cannot run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpt2.config import SDPA_BACKENDS, resolve
+from gpt2.errors import ConfigError
+from gpt2.model import GPT
+from gpt2.runtime import select_sdpa_backend
+from gpt2.trainer.loop import Trainer
+from tests.conftest import CUDA, small_gpt_config
+
+# The aten op each SDPA kernel runs as, per device (what a dispatch mode sees below F.sdpa).
+KERNEL_OPS = {
+    ("cpu", "flash"): "_scaled_dot_product_flash_attention_for_cpu",
+    ("cuda", "flash"): "_scaled_dot_product_flash_attention",
+    ("cuda", "cudnn"): "_scaled_dot_product_cudnn_attention",
+    ("cuda", "efficient"): "_scaled_dot_product_efficient_attention",
+}
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernels() -> Iterator[None]:
+    yield
+    select_sdpa_backend("auto", torch.device("cpu"))
+
+
+def _attention_ops(device: str, backend: str) -> tuple[set[str], torch.Tensor]:
+    """The SDPA ops one forward/backward of a small model runs, and its loss."""
+    select_sdpa_backend(backend, torch.device(device))
+    torch.manual_seed(0)
+    model = GPT(small_gpt_config()).to(device)
+    x = torch.randint(0, 96, (2, 32), device=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # cuDNN attention wants half types
+    with _Ops() as ops, torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+        loss = model(x, x)
+        loss.backward()
+    return {n for n in ops.names if "scaled_dot_product" in n}, loss.detach().float()
+
+
+@pytest.mark.parametrize("name", SDPA_BACKENDS)
+def test_a_named_kernel_is_the_only_one_enabled_and_auto_enables_all(name) -> None:
+    device = torch.device("cuda" if name in ("cudnn", "efficient") else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    select_sdpa_backend(name, device)
+    b = torch.backends.cuda
+    enabled = {
+        "flash": b.flash_sdp_enabled(),
+        "cudnn": b.cudnn_sdp_enabled(),
+        "efficient": b.mem_efficient_sdp_enabled(),
+        "math": b.math_sdp_enabled(),
+    }
+    assert enabled == {k: name in ("auto", k) for k in enabled}
+
+
+@pytest.mark.parametrize("name", ["cudnn", "efficient"])
+def test_cuda_only_kernels_are_refused_on_cpu(name) -> None:
+    with pytest.raises(ConfigError, match=f"--sdpa-backend {name} needs CUDA"):
+        select_sdpa_backend(name, torch.device("cpu"))
+
+
+def test_the_switch_reaches_attention_and_changes_only_the_kernel() -> None:
+    flash_ops, flash_loss = _attention_ops("cpu", "flash")
+    math_ops, math_loss = _attention_ops("cpu", "math")
+    auto_ops, _ = _attention_ops("cpu", "auto")
+    assert KERNEL_OPS["cpu", "flash"] in flash_ops and KERNEL_OPS["cpu", "flash"] in auto_ops
+    assert KERNEL_OPS["cpu", "flash"] not in math_ops  # the math path: plain matmuls and softmax
+    torch.testing.assert_close(math_loss, flash_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["flash", "cudnn", "efficient"])
+@CUDA
+def test_each_cuda_kernel_runs_when_named(name) -> None:
+    ops, loss = _attention_ops("cuda", name)
+    assert KERNEL_OPS["cuda", name] in ops, ops
+    assert torch.isfinite(loss)
+
+
+def test_the_trainer_selects_the_configured_kernel(tiny_flags) -> None:
+    trainer = Trainer(resolve(dict(tiny_flags, sdpa_backend="math")))
+    assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert trainer.dry_run()["loss"] > 0
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        Trainer(resolve(dict(tiny_flags, sdpa_backend="cudnn")))
