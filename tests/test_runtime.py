@@ -98,3 +98,16 @@ def test_the_trainer_selects_the_configured_kernel(tiny_flags) -> None:
     assert trainer.dry_run()["loss"] > 0
     with pytest.raises(ConfigError, match="needs CUDA"):
         Trainer(resolve(dict(tiny_flags, sdpa_backend="cudnn")))
+
+
+@pytest.mark.parametrize(
+    "amx,avx512_bf16,expected", [(True, True, torch.bfloat16), (False, True, torch.float32)]
+)
+def test_auto_dtype_on_cpu_is_bf16_only_with_amx(monkeypatch, amx, avx512_bf16, expected) -> None:
+    """AVX512-BF16 without AMX makes bf16 training slower than fp32 (measured), so auto keeps fp32."""
+    from gpt2.runtime import resolve_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert resolve_dtype("auto", torch.device("cpu")) is expected
+    assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16  # asked for: given
