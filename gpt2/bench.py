@@ -115,19 +115,16 @@ def _worker(
         return {"case": case, "skipped": str(e)}
     g = trainer.gpt_config
     gen = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(0, g.vocab_size, (cfg.data.batch_size, g.block_size + 1), generator=gen).to(
-            trainer.device
-        )
-        for _ in range(4)
-    ]
+    batches = []
+    for _ in range(4):  # contiguous inputs and targets, as the data loader hands them over
+        b = torch.randint(0, g.vocab_size, (cfg.data.batch_size, g.block_size + 1), generator=gen)
+        batches.append((b[:, :-1].contiguous().to(trainer.device), b[:, 1:].contiguous().to(trainer.device)))
     i = 0
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal i
-        b = batches[i % len(batches)]
         i += 1
-        return b[:, :-1], b[:, 1:]
+        return batches[(i - 1) % len(batches)]
 
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):

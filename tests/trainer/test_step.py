@@ -50,9 +50,17 @@ def test_training_step_reads_nothing_back_from_the_device(tiny_flags, name, devi
         trainer.step_fn(trainer.data.train_batch, 1e-3)
     for ext in trainer.extensions:  # pruning: masks at some sparsity, so masking does real work
         ext.on_step_end(2, trainer.model, trainer.optimizer)
-    with HostReads() as reads:
-        out = trainer.step_fn(trainer.data.train_batch, 1e-3)
-        out = trainer.step_fn(trainer.data.train_batch, 1e-3)
+    # On CUDA, also any synchronising call (a blocking copy, a stream or device sync) raises.
+    sync_mode = torch.cuda.get_sync_debug_mode() if device == "cuda" else None
+    try:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        with HostReads() as reads:
+            out = trainer.step_fn(trainer.data.train_batch, 1e-3)
+            out = trainer.step_fn(trainer.data.train_batch, 1e-3)
+    finally:
+        if sync_mode is not None:
+            torch.cuda.set_sync_debug_mode(sync_mode)
     assert reads.count == 0
     assert float(out.applied) == 1.0
 
