@@ -239,8 +239,10 @@ def _table(preset: str, rows: list[dict[str, Any]]) -> str:
             upd = f"{r['mask_update_ms']:.1f} ms; with one per {every} steps {averaged:.3f}x first's step"
         m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         ms = r["ms_per_step"]
+        spread = [v for v in r.get("round_ms", []) if v is not None]
+        rounds = f" ({min(spread):.1f}-{max(spread):.1f})" if len(spread) > 1 else ""
         lines.append(
-            f"| {r['case']} | {r['dtype']} | {ms:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"| {r['case']} | {r['dtype']} | {ms:.1f}{rounds} | {r['tokens_per_s']:,.0f} | "
             f"{base['ms_per_step'] / ms:.3f}x | {nano / ms:.2f}x | {m} | "
             f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s | "
             f"{r['optimizer_ms']:.2f} ms | "
@@ -248,7 +250,8 @@ def _table(preset: str, rows: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "vs first, vs nanoGPT: throughput ratios (higher is faster). Published rows are the figures "
+        "vs first, vs nanoGPT: throughput ratios (higher is faster); with --rounds, ms/step is the "
+        "median round's, the range in brackets every round's. Published rows are the figures "
         "measured in the issues, not this run.",
     ]
     return "\n".join(lines)
@@ -289,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed steps first (default 3; 10 with compile)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the case list this many times, interleaved (A B A B): each row is its median "
+        "round, with the spread (use on noisy machines; CPU cases spread by up to 10%%)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -337,20 +347,42 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if unknown or not cases:
         p.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parent.parent
-    rows: list[dict[str, Any]] = []
-    for case in cases:
-        cmd = [sys.executable, "-m", "gpt2.bench", "--preset", preset, "--worker", case,
-               "--steps", str(steps), "--warmup", str(warmup), "--device", args.device,
-               "--out", str(out.resolve()), *(["--profile"] if args.profile else []),
-               *[a for s in args.set for a in ("--set", s)]]  # fmt: skip
-        rows.append(_run_case(case, cmd, root, args.case_timeout))
-        print(f"{case}: {rows[-1].get('ms_per_step', rows[-1].get('skipped'))}", file=sys.stderr, flush=True)
-        # Written after every case, so a run cut off by a time limit keeps the rows it measured.
-        _write(out, preset, rows, {"steps": steps, "warmup": warmup, "extra": extra})
+    runs: list[list[dict[str, Any]]] = [[] for _ in cases]  # per position in --cases, one per round
+    for _ in range(args.rounds):  # interleaved (A B A B), so a drift in the machine hits every case
+        for case, case_runs in zip(cases, runs, strict=True):
+            cmd = [sys.executable, "-m", "gpt2.bench", "--preset", preset, "--worker", case,
+                   "--steps", str(steps), "--warmup", str(warmup), "--device", args.device,
+                   "--out", str(out.resolve()), *(["--profile"] if args.profile else []),
+                   *[a for s in args.set for a in ("--set", s)]]  # fmt: skip
+            case_runs.append(_run_case(case, cmd, root, args.case_timeout))
+            print(
+                f"{case}: {case_runs[-1].get('ms_per_step', case_runs[-1].get('skipped'))}",
+                file=sys.stderr,
+                flush=True,
+            )
+            # Written after every case, so a run cut off by a time limit keeps the rows it measured.
+            rows = [_median_round(r) for r in runs if r]
+            _write(
+                out, preset, rows, {"steps": steps, "warmup": warmup, "rounds": args.rounds, "extra": extra}
+            )
     print((out / "bench.md").read_text(), end="")
     return 0
+
+
+def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's row from its rounds: the round with the median step time (the lower of two
+    middles), with every round's step time in ``round_ms``; the last row if none measured."""
+    measured = sorted((r for r in runs if "ms_per_step" in r), key=lambda r: r["ms_per_step"])
+    if not measured:
+        return runs[-1]
+    row = dict(measured[(len(measured) - 1) // 2])
+    if len(runs) > 1:
+        row["round_ms"] = [r.get("ms_per_step") for r in runs]
+    return row
 
 
 def _run_case(case: str, cmd: list[str], root: Path, timeout: float | None) -> dict[str, Any]:

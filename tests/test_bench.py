@@ -83,3 +83,35 @@ def test_the_workloads_are_nanogpts_configuration() -> None:
         assert (cfg.model.bias, cfg.model.dropout) == (False, 0.0), preset
         ref = resolve({**bench.PRESETS[preset], **bench.CASES["vanilla-ref"]})
         assert (ref.model.bias, ref.model.dropout) == (True, 0.1), preset
+
+
+def test_rounds_interleave_the_cases_and_report_the_median_round(tmp_path, monkeypatch) -> None:
+    order, times = [], {"vanilla": iter([30.0, 10.0, 20.0]), "V1": iter([5.0, None, 7.0])}
+
+    def fake_run(case, cmd, root, timeout):
+        order.append(case)
+        ms = next(times[case])
+        if ms is None:
+            return {"case": case, "skipped": "timed out after 1 s"}
+        fields = dict(tokens_per_s=1.0, peak_memory_bytes=0, warmup_s=0.0, optimizer_ms=0.0)
+        return {"case": case, "dtype": "float32", "ms_per_step": ms, "tag": ms, **fields,
+                "optimizer_state_bytes_per_param": 8.0}  # fmt: skip
+
+    monkeypatch.setattr(bench, "_run_case", fake_run)
+    assert (
+        bench.main(["--preset", "tiny", "--cases", "vanilla,V1", "--rounds", "3", "--out", str(tmp_path)])
+        == 0
+    )
+    assert order == ["vanilla", "V1"] * 3
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["case"], r["tag"], r["round_ms"]) for r in rows] == [
+        ("vanilla", 20.0, [30.0, 10.0, 20.0]),
+        ("V1", 5.0, [5.0, None, 7.0]),  # of two measured rounds, the lower middle
+    ]
+    assert "| vanilla | float32 | 20.0 (10.0-30.0) |" in (tmp_path / "bench.md").read_text()
+
+
+def test_rounds_must_be_positive(capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "vanilla", "--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
