@@ -288,6 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds one case may take (its row then says so and the next case runs); default none",
     )
     p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the whole call: a case gets at most what is left, and cases left when it is "
+        "spent get rows saying so (for a machine lent for a fixed time); default none",
+    )
+    p.add_argument(
         "--steps", type=int, default=None, help="timed steps (default 20 on CPU tiny, 5 gpt2-cpu, 50 GPU)"
     )
     p.add_argument(
@@ -350,27 +357,50 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(__file__).resolve().parent.parent
-    runs: list[list[dict[str, Any]]] = [[] for _ in cases]  # per position in --cases, one per round
-    for _ in range(args.rounds):  # interleaved (A B A B), so a drift in the machine hits every case
-        for case, case_runs in zip(cases, runs, strict=True):
-            cmd = [sys.executable, "-m", "gpt2.bench", "--preset", preset, "--worker", case,
-                   "--steps", str(steps), "--warmup", str(warmup), "--device", args.device,
-                   "--out", str(out.resolve()), *(["--profile"] if args.profile else []),
+    settings = {"steps": steps, "warmup": warmup, "rounds": args.rounds, "extra": extra}
+    worker_args = ["--preset", preset, "--steps", str(steps), "--warmup", str(warmup),
+                   "--device", args.device, "--out", str(out.resolve()),
+                   *(["--profile"] if args.profile else []),
                    *[a for s in args.set for a in ("--set", s)]]  # fmt: skip
-            case_runs.append(_run_case(case, cmd, root, args.case_timeout))
-            print(
-                f"{case}: {case_runs[-1].get('ms_per_step', case_runs[-1].get('skipped'))}",
-                file=sys.stderr,
-                flush=True,
-            )
-            # Written after every case, so a run cut off by a time limit keeps the rows it measured.
-            rows = [_median_round(r) for r in runs if r]
-            _write(
-                out, preset, rows, {"steps": steps, "warmup": warmup, "rounds": args.rounds, "extra": extra}
-            )
+    # SIGTERM (an outer `timeout`, a scheduler) unwinds like Ctrl-C, so the running worker is killed
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        _run_cases(
+            cases, worker_args, out, preset, settings, args.rounds, args.case_timeout, args.time_budget
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print((out / "bench.md").read_text(), end="")
     return 0
+
+
+def _run_cases(
+    cases: list[str],
+    worker_args: list[str],
+    out: Path,
+    preset: str,
+    settings: dict[str, Any],
+    rounds: int,
+    case_timeout: float | None,
+    time_budget: float | None,
+) -> None:
+    """Every case in its own worker process, ``rounds`` times interleaved (A B A B, so a drift in
+    the machine hits every case); the table is rewritten after each, so a run cut off keeps its rows."""
+    root = Path(__file__).resolve().parent.parent
+    start = time.monotonic()
+    runs: list[list[dict[str, Any]]] = [[] for _ in cases]  # per position in --cases, one per round
+    for _ in range(rounds):
+        for case, case_runs in zip(cases, runs, strict=True):
+            left = None if time_budget is None else time_budget - (time.monotonic() - start)
+            if left is not None and left <= 0:
+                case_runs.append({"case": case, "skipped": f"not run: --time-budget {time_budget:g} s spent"})
+            else:
+                limit = min((t for t in (case_timeout, left) if t is not None), default=None)
+                cmd = [sys.executable, "-m", "gpt2.bench", "--worker", case, *worker_args]
+                case_runs.append(_run_case(case, cmd, root, limit))
+            row = case_runs[-1]
+            print(f"{case}: {row.get('ms_per_step', row.get('skipped'))}", file=sys.stderr, flush=True)
+            _write(out, preset, [_median_round(r) for r in runs if r], settings)
 
 
 def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -397,6 +427,9 @@ def _run_case(case: str, cmd: list[str], root: Path, timeout: float | None) -> d
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return {"case": case, "skipped": f"timed out after {timeout:g} s"}
+    except BaseException:  # interrupted or terminated: the worker must not go on holding the device
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     if proc.returncode != 0:
         return {"case": case, "skipped": f"failed: {stderr.strip().splitlines()[-1:]}"}
     return json.loads(stdout.strip().splitlines()[-1])

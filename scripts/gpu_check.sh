@@ -6,8 +6,9 @@
 #   here:  bash scripts/device_wheels.sh        # once: .whl/ with the data-only packages
 #   there: bash scripts/gpu_check.sh            # carry .whl; python3 is the machine's own torch
 #
-# CASES (default core), BENCH_S (420) and TESTS_S (150) bound the two parts; a case that runs past
-# CASE_S (150) seconds gets a row saying so and the next one runs.
+# CASES (default core); BENCH_S (420) and TESTS_S (150) bound the two parts (the bench's own
+# --time-budget, so no worker outlives it); a case that runs past CASE_S (150) seconds gets a row
+# saying so and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,7 +24,7 @@ fi
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())'
 } 2>&1 | tee "$OUT/env.txt"
 
-timeout "${BENCH_S:-420}" "$PY" -m gpt2.bench --preset gpt2-gpu --cases "${CASES:-core}" \
+"$PY" -m gpt2.bench --preset gpt2-gpu --cases "${CASES:-core}" --time-budget "${BENCH_S:-420}" \
   --case-timeout "${CASE_S:-150}" --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 
 timeout "${TESTS_S:-150}" "$PY" -m pytest -q -p no:cacheprovider -rfEs -k cuda \

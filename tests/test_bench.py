@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -115,3 +116,19 @@ def test_rounds_must_be_positive(capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--cases", "vanilla", "--rounds", "0"])
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_a_time_budget_bounds_each_case_and_skips_what_is_left(tmp_path, monkeypatch) -> None:
+    limits = []
+
+    def fake_run(case, cmd, root, timeout):
+        limits.append(timeout)
+        time.sleep(0.6)
+        return {"case": case, "skipped": "failed: (fake)"}
+
+    monkeypatch.setattr(bench, "_run_case", fake_run)
+    argv = ["--preset", "tiny", "--cases", "vanilla,V0,V1", "--time-budget", "1", "--case-timeout", "60"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    assert len(limits) == 2 and limits[0] <= 1.0 and limits[1] <= 0.4  # what was left of the budget
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert rows[2] == {"case": "V1", "skipped": "not run: --time-budget 1 s spent"}
