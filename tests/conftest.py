@@ -109,6 +109,18 @@ def small_gpt_config(**overrides) -> GPTConfig:
     return GPTConfig(**(base | overrides))
 
 
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten op that runs (``overload.name``, e.g. ``exp_.default``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 class HostReads(TorchDispatchMode):
     """Counts reads of a tensor's value by the host (``.item()``, ``bool()``, ``float()``)."""
 

@@ -6,14 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2.config import SDPA_BACKENDS, resolve
 from gpt2.errors import ConfigError
 from gpt2.model import GPT
 from gpt2.runtime import select_sdpa_backend
 from gpt2.trainer.loop import Trainer
-from tests.conftest import CUDA, small_gpt_config
+from tests.conftest import CUDA, OpNames, small_gpt_config
 
 # The aten op each SDPA kernel runs as, per device (what a dispatch mode sees below F.sdpa).
 KERNEL_OPS = {
@@ -22,16 +21,6 @@ KERNEL_OPS = {
     ("cuda", "cudnn"): "_scaled_dot_product_cudnn_attention",
     ("cuda", "efficient"): "_scaled_dot_product_efficient_attention",
 }
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +36,10 @@ def _attention_ops(device: str, backend: str) -> tuple[set[str], torch.Tensor]:
     model = GPT(small_gpt_config()).to(device)
     x = torch.randint(0, 96, (2, 32), device=device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # cuDNN attention wants half types
-    with _Ops() as ops, torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+    with OpNames() as ops, torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
         loss = model(x, x)
         loss.backward()
-    return {n for n in ops.names if "scaled_dot_product" in n}, loss.detach().float()
+    return {n.split(".")[0] for n in ops.names if "scaled_dot_product" in n}, loss.detach().float()
 
 
 @pytest.mark.parametrize("name", SDPA_BACKENDS)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2.model import loss as lm
+from tests.conftest import OpNames
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
@@ -31,27 +31,17 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, monkey
     torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-6)
 
 
-class _OpNames(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_gradient_work_under_no_grad() -> None:
     """Evaluation (no_grad) of a model whose weights require grad must not compute gradients."""
     h = torch.randn(8, 4, requires_grad=True)
     w = torch.randn(11, 4, requires_grad=True)
     t = torch.randint(0, 11, (8,))
-    with torch.no_grad(), _OpNames() as ops:
+    with torch.no_grad(), OpNames() as ops:
         out = lm.lm_loss(h, w, t)
     assert not {"exp_.default", "scatter_add_.default"} & set(ops.names), ops.names
     with torch.no_grad():
         torch.testing.assert_close(out, F.cross_entropy(h @ w.t(), t))
-    with _OpNames() as ops:  # the same call with grad enabled does the gradient work
+    with OpNames() as ops:  # the same call with grad enabled does the gradient work
         lm.lm_loss(h, w, t)
     assert "exp_.default" in ops.names
 
