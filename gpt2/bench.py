@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-if __package__ in (None, ""):  # run as `python gpt2/bench.py`
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+try:
+    import gpt2  # noqa: F401
+except ModuleNotFoundError:  # run by its path, python gpt2/bench.py
+    import _as_script  # noqa: F401
 
 # Workloads: RunConfig overrides, exactly the configurations in which nanoGPT's figures below
 # were measured, so the ratio compares the same work. nanoGPT ran unchanged but for the shape and

@@ -8,8 +8,7 @@ then from ``FALLBACKS``; :func:`resolve` does that and records which values the 
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from gpt2.model.steps import STEPS, apply_step, get_step, parse_steps
 from gpt2.presets import PRESETS
 
 ARCHITECTURES = ("vanilla", "unified-ra")
+DEFAULT_RA_STEP = "V1"  # the step --architecture unified-ra trains when --ra-step is not given
+VANILLA_STEP = "V0"  # --architecture vanilla builds exactly this step's model
 RA_GATES = ("per-head", "per-layer")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune")
@@ -32,11 +33,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 TRACKERS = ("none", "wandb", "trackio")
 KNOWN_DATASETS = ("shakespeare", "finewebedu", "openwebtext")
-
-# Capabilities whose flags exist but whose implementation lands with a later issue (key -> issue).
-# Delete an entry when its capability is implemented; validation refuses the rest with exit 2.
-NOT_IMPLEMENTED: dict[str, int] = {}
-
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field with its command-line help (and optional ``aliases``, ``choices``, ``metavar``)."""
@@ -64,7 +60,8 @@ class ModelSection:
     bias: bool = opt(True, "bias in Linear and LayerNorm layers (the earlier system could not turn it off)")
     ra_step: str | None = opt(
         None,
-        f"V-series step for --architecture unified-ra: {', '.join(STEPS)} (default V1; see --list-steps)",
+        f"V-series step for --architecture unified-ra: {', '.join(STEPS)} (default {DEFAULT_RA_STEP}; "
+        "see --list-steps)",
         aliases=("--ra-mla-ablation-step",),
     )
     ra_gates: str = opt(
@@ -332,11 +329,15 @@ class RunConfig:
     dist: DistSection = field(default_factory=DistSection)
     explicit: tuple[str, ...] = ()  # field names the user set on the command line
 
-    def gpt_config(self) -> GPTConfig:
-        """The model configuration this run builds."""
+    def gpt_config(self, step: str | None = None) -> GPTConfig:
+        """The model this run builds: the preset's shapes with the V-step (``step``, else the run's) applied.
+
+        Vanilla is step V0. Every architecture setting is applied here, so the model a run builds
+        can be read from its config alone.
+        """
         m = self.model
         preset = PRESETS[m.model_name]
-        return GPTConfig(
+        shapes = GPTConfig(
             block_size=m.block_size,
             n_layer=m.n_layer or preset.n_layer,
             n_head=m.n_head or preset.n_head,
@@ -344,6 +345,10 @@ class RunConfig:
             dropout=m.dropout,
             bias=m.bias,
         )
+        built = apply_step(shapes, step or m.ra_step or VANILLA_STEP)
+        if built.attention == "unified_ra":  # gate layout only exists where there are RA gates
+            built = replace(built, ra_per_head_gates=m.ra_gates == "per-head")
+        return built
 
     def to_dict(self) -> dict[str, Any]:
         d = {name: asdict(getattr(self, name)) for name in SECTIONS}
@@ -400,7 +405,7 @@ def resolve(values: dict[str, Any], explicit: set[str] | None = None) -> RunConf
         cfg.optim.min_lr = cfg.optim.learning_rate / 10
     _resolve_pruning(cfg)
     if cfg.model.architecture == "unified-ra" and cfg.model.ra_step is None:
-        cfg.model.ra_step = "V1"
+        cfg.model.ra_step = DEFAULT_RA_STEP
     if cfg.ablation.ablation_mode and cfg.ablation.ablation_steps is None:
         cfg.ablation.ablation_steps = "V0,V1,V3"
     validate(cfg)
@@ -526,7 +531,7 @@ def _validate_ra(cfg: RunConfig) -> None:
     try:
         for step in parse_steps(a.ablation_steps or "") if a.ablation_mode else [get_step(m.ra_step).name]:
             try:
-                apply_step(cfg.gpt_config(), step).validate()
+                cfg.gpt_config(step).validate()
             except ValueError as e:
                 raise ValueError(f"step {step} does not fit this model: {e}") from None
     except ValueError as e:
@@ -546,8 +551,8 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(m, name)
         _check(v is None or v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
     _check(0.0 <= m.dropout < 1.0, f"--dropout must be in [0, 1), got {m.dropout}")
-    try:
-        cfg.gpt_config().validate()
+    try:  # the shapes; the V-step is _validate_ra's
+        cfg.gpt_config(VANILLA_STEP).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check(d.batch_size > 0, f"--batch-size must be positive, got {d.batch_size}")
@@ -630,19 +635,3 @@ def validate(cfg: RunConfig) -> None:
         not (o.optimizer == "adamwprune" and p.pruning_method not in ("state", "none")),
         "--optimizer adamwprune prunes by its own state: use --pruning-method state (or none)",
     )
-
-    # Flags whose capability lands with a later issue: refuse rather than ignore.
-    wanted = []
-    if m.architecture == "unified-ra" or m.ra_step is not None:
-        wanted.append(("--architecture unified-ra", "unified-ra"))
-    if cfg.ablation.ablation_mode or cfg.ablation.list_steps:
-        wanted.append(("--ablation-mode/--list-steps", "ablation"))
-    if o.optimizer in ("adamwspam", "adamwprune"):
-        wanted.append((f"--optimizer {o.optimizer}", o.optimizer))
-    if p.pruning_method != "none":
-        wanted.append((f"--pruning-method {p.pruning_method}", "pruning"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        wanted.append(("multi-process training (torchrun)", "distributed"))
-    for what, key in wanted:
-        if key in NOT_IMPLEMENTED:
-            raise ConfigError(f"{what} is not implemented yet (issue #{NOT_IMPLEMENTED[key]})")

@@ -6,12 +6,11 @@ Writes ``<data-dir>/<dataset>/train.bin``, ``val.bin`` and ``meta.json``; see :m
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script, sys.path[0] is gpt2/ itself: its subfolders (data/, model/) would shadow other
-    # top-level names and `import gpt2` would fail. Put the repo root there instead.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+try:
+    import gpt2  # noqa: F401
+except ModuleNotFoundError:  # run by its path, python gpt2/prepare_data.py
+    import _as_script  # noqa: F401
 
 import argparse
 

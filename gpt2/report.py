@@ -6,10 +6,11 @@ The work is in :mod:`gpt2.track.report`; this module is the command.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python gpt2/report.py`
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+try:
+    import gpt2  # noqa: F401
+except ModuleNotFoundError:  # run by its path, python gpt2/report.py
+    import _as_script  # noqa: F401
 
 from gpt2.track.report import main
 

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python gpt2/sample.py`
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+try:
+    import gpt2  # noqa: F401
+except ModuleNotFoundError:  # run by its path, python gpt2/sample.py
+    import _as_script  # noqa: F401
 
 import torch
 from torch import nn

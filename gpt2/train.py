@@ -6,12 +6,11 @@ Parse and validate every flag first (one line and exit status 2 on bad input), t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script: sys.path[0] is gpt2/ itself; put the repository root there instead so
-    # that `import gpt2` works and gpt2's sub-packages do not shadow top-level modules.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+try:
+    import gpt2  # noqa: F401
+except ModuleNotFoundError:  # run by its path, python gpt2/train.py
+    import _as_script  # noqa: F401
 
 from gpt2.cli import main_guard, parse
 

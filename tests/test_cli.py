@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gpt2.cli import build_parser, parse
-from gpt2.config import NOT_IMPLEMENTED, resolve
+from gpt2.config import resolve
 from gpt2.errors import ConfigError
 from tests.conftest import REPO
 
@@ -73,24 +73,6 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys) -> None:
     err = capsys.readouterr().err
     assert message in err, err
     assert len(err.strip().splitlines()) == 1, err
-
-
-def test_not_implemented_capabilities_refuse_clearly(capsys) -> None:
-    """A flag whose capability is not built yet is refused, never silently ignored."""
-    probes = {
-        "unified-ra": ["--architecture", "unified-ra"],
-        "adamwspam": ["--optimizer", "adamwspam"],
-        "adamwprune": ["--optimizer", "adamwprune"],
-        "pruning": ["--pruning-method", "magnitude"],
-        "ablation": ["--architecture", "unified-ra", "--ablation-mode"],
-    }
-    for key, issue in NOT_IMPLEMENTED.items():
-        if key not in probes:
-            continue
-        with pytest.raises(SystemExit) as e:
-            parse(probes[key])
-        assert e.value.code == 2
-        assert f"not implemented yet (issue #{issue})" in capsys.readouterr().err
 
 
 def test_presets_fill_unset_flags_and_flags_win() -> None:

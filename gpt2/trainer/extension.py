@@ -1,7 +1,7 @@
 """The extension point: what an architecture or optimizer adds to the one training loop.
 
-An extension may change the model configuration before the model is built, act around
-the optimizer step, contribute metrics at evaluation, and keep state in checkpoints.
+The model itself follows from the run configuration alone; an extension acts around the
+optimizer step, contribute metrics at evaluation, and keep state in checkpoints.
 The loop calls every registered extension in order; the default methods do nothing.
 """
 
@@ -12,17 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt2.model.config import GPTConfig
-
 
 class Extension:
     """Base class; override only what the extension needs."""
 
     name = "extension"
-
-    def model_config(self, config: GPTConfig) -> GPTConfig:
-        """Return the configuration to build (e.g. a V-step's attention variant)."""
-        return config
 
     def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """After backward, before clipping and the step (e.g. mask gradients)."""

@@ -98,11 +98,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        gpt_config: GPTConfig = cfg.gpt_config()
-        for ext in self.extensions:
-            gpt_config = ext.model_config(gpt_config)
-        self.gpt_config = gpt_config
-        self.model = GPT(gpt_config).to(self.device)
+        self.gpt_config = cfg.gpt_config()
+        self.model = GPT(self.gpt_config).to(self.device)
         if self.dist.enabled:
             torch.manual_seed(cfg.train.seed + self.dist.rank)  # but each rank its own dropout
         self.n_params = self.model.num_params()

@@ -143,11 +143,21 @@ def test_list_steps_and_ra_step_validation_on_the_command_line(capsys) -> None:
     assert "step V7 does not fit this model: ra_rank must be in [1, head_dim=8)" in capsys.readouterr().err
 
 
-def test_extension_builds_the_step_with_the_chosen_gate_granularity() -> None:
+def test_run_config_builds_the_step_with_the_chosen_gate_granularity() -> None:
     from gpt2.config import resolve
-    from gpt2.trainer.extensions.unified_ra import UnifiedRAExtension
 
     cfg = resolve(dict(architecture="unified-ra", ra_step="V8", ra_gates="per-layer", model_name="tiny"))
-    built = UnifiedRAExtension.from_config(cfg).model_config(cfg.gpt_config())
-    assert built == replace(apply_step(cfg.gpt_config(), "V8"), ra_per_head_gates=False)
+    built = cfg.gpt_config()  # the model follows from the run config alone
+    vanilla = resolve(dict(model_name="tiny")).gpt_config()
+    assert built == replace(apply_step(vanilla, "V8"), ra_per_head_gates=False)
     assert resolve(dict(architecture="unified-ra")).model.ra_step == "V1"  # the default step
+
+
+def test_vanilla_and_step_v0_build_the_same_model() -> None:
+    from gpt2.config import resolve
+
+    vanilla = resolve(dict(model_name="tiny")).gpt_config()
+    for gates in ("per-head", "per-layer"):
+        v0 = resolve(dict(model_name="tiny", architecture="unified-ra", ra_step="V0", ra_gates=gates))
+        assert v0.gpt_config() == vanilla
+    assert resolve(dict(model_name="tiny", architecture="unified-ra", ra_step="V1")).gpt_config() != vanilla

@@ -1,23 +1,22 @@
-"""What ``--architecture unified-ra`` adds to the one training loop: the V-step and gate analysis.
+"""What ``--architecture unified-ra`` adds to the one training loop: gate analysis.
 
-The model itself comes from the V-step registry (:mod:`gpt2.model.steps`) as a plain config;
-this extension only picks the step, records gate statistics at every evaluation (they reach
-metrics.jsonl and the trackers through the loop) and plots them at the end.
+The model itself follows from the run configuration (:meth:`gpt2.config.RunConfig.gpt_config`
+applies the V-step); this extension records gate statistics at every evaluation (they reach
+metrics.jsonl and the trackers through the loop), plots them at the end and names the step in
+results.json.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from gpt2.config import RunConfig
-from gpt2.model.config import GPTConfig
 from gpt2.model.gates import gate_stats
-from gpt2.model.steps import apply_step, get_step
+from gpt2.model.steps import get_step
 from gpt2.track.metrics import read_metrics
 from gpt2.trainer.extension import Extension
 
@@ -25,27 +24,18 @@ GATES_PNG = "gates.png"
 
 
 class UnifiedRAExtension(Extension):
-    """Builds the model of one V-step and logs its gates."""
+    """Logs the gates of a V-step's model."""
 
     name = "unified_ra"
 
-    def __init__(
-        self, step: str = "V1", *, per_head_gates: bool = True, output_dir: str | Path | None = None
-    ) -> None:
+    def __init__(self, step: str, *, output_dir: str | Path | None = None) -> None:
         self.step = get_step(step)
-        self.per_head_gates = per_head_gates
         self.output_dir = Path(output_dir) if output_dir is not None else None  # None: no plot
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> UnifiedRAExtension:
-        return cls(
-            cfg.model.ra_step or "V1",
-            per_head_gates=cfg.model.ra_gates == "per-head",
-            output_dir=None if cfg.train.dry_run else cfg.output.output_dir,
-        )
-
-    def model_config(self, config: GPTConfig) -> GPTConfig:
-        return replace(apply_step(config, self.step.name), ra_per_head_gates=self.per_head_gates)
+        assert cfg.model.ra_step is not None, "resolve() sets the step of --architecture unified-ra"
+        return cls(cfg.model.ra_step, output_dir=None if cfg.train.dry_run else cfg.output.output_dir)
 
     def eval_metrics(self, model: nn.Module) -> dict[str, float]:
         return gate_stats(model)
