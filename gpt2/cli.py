@@ -51,7 +51,10 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             default = f.default if f.default is not MISSING else None
             shown = _SUPPRESS_DEFAULT if default is None else default
             kind = _base_type(hints[f.name])
-            help_text = meta["help"] + ("" if default is not None else " [default: preset]")
+            # help is plain text: argparse would read a % as a format directive
+            help_text = meta["help"].replace("%", "%%") + (
+                "" if default is not None else " [default: preset]"
+            )
             if kind is bool:
                 if default:
                     group.add_argument(

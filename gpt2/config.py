@@ -8,6 +8,7 @@ then from ``FALLBACKS``; :func:`resolve` does that and records which values the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from gpt2.errors import ConfigError
 from gpt2.model.config import GPTConfig
 from gpt2.model.steps import STEPS, apply_step, get_step, parse_steps
+from gpt2.optim.prune.scores import OPTIMIZER_SCORES, SCORES, describe
 from gpt2.presets import PRESETS
 
 ARCHITECTURES = ("vanilla", "unified-ra")
@@ -24,19 +26,40 @@ RA_GATES = ("per-head", "per-layer")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune")
 PRUNING_METHODS = ("none", "magnitude", "movement", "state")
-BITTER_VARIANTS = tuple(f"bitter{i}" for i in range(10))
-# Extra training the reference gave some AdamWPrune variants (fraction of --max-iters); applied
-# only when --max-iters is not given, and the pruning ramp keeps the un-extended length.
-BITTER_EXTRA_ITERS: dict[str, float] = {"bitter2": 0.21, **{f"bitter{i}": 0.30 for i in (3, 4, 5, 6, 8, 9)}}
 PRUNING_RAMP_FRACTION = 0.8  # default ramp end, as a fraction of --max-iters
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 TRACKERS = ("none", "wandb", "trackio")
 KNOWN_DATASETS = ("shakespeare", "finewebedu", "openwebtext")
 
+
 def opt(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field with its command-line help (and optional ``aliases``, ``choices``, ``metavar``)."""
+    """A dataclass field with its command-line help and optional ``aliases``, ``choices``, ``metavar``
+    and ``rule`` (the field's own check, see :class:`Rule`)."""
     return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check of one field's value; ``message`` may use ``{flag}`` and ``{value}``."""
+
+    ok: Callable[[Any], bool]
+    message: str
+
+    def check(self, flag: str, value: Any) -> None:
+        if value is not None and not self.ok(value):
+            raise ConfigError(self.message.format(flag=flag, value=value))
+
+
+POSITIVE = Rule(lambda v: v > 0, "{flag} must be positive, got {value}")
+NON_NEGATIVE = Rule(lambda v: v >= 0, "{flag} must be >= 0, got {value}")
+FRACTION = Rule(lambda v: 0 <= v < 1, "{flag} must be in [0, 1), got {value}")
+NOT_EMPTY = Rule(lambda v: bool(v.strip()), "{flag} must not be empty")
+AT_LEAST_ONE = Rule(lambda v: v >= 1, "{flag} must be >= 1, got {value}")
+DEVICE = Rule(
+    lambda v: v in ("auto", "cpu") or v.startswith(("cuda", "mps")),
+    "unknown {flag} {value!r}: use auto, cpu, cuda or cuda:N",
+)
 
 
 @dataclass
@@ -50,13 +73,17 @@ class ModelSection:
         choices=tuple(PRESETS),
         aliases=("--model-size",),
     )
-    n_layer: int | None = opt(None, "override the preset's number of layers")
-    n_head: int | None = opt(None, "override the preset's number of heads")
-    n_embd: int | None = opt(None, "override the preset's embedding width")
+    n_layer: int | None = opt(None, "override the preset's number of layers", rule=POSITIVE)
+    n_head: int | None = opt(None, "override the preset's number of heads", rule=POSITIVE)
+    n_embd: int | None = opt(None, "override the preset's embedding width", rule=POSITIVE)
     block_size: int | None = opt(
-        None, "context length in tokens (preset default: 1024 for GPT-2, 64 for tiny)"
+        None,
+        "context length in tokens (preset default: 1024 for GPT-2, 64 for tiny)",
+        rule=POSITIVE,
     )
-    dropout: float | None = opt(None, "dropout probability everywhere (preset default: 0.1 GPT-2, 0 tiny)")
+    dropout: float | None = opt(
+        None, "dropout probability everywhere (preset default: 0.1 GPT-2, 0 tiny)", rule=FRACTION
+    )
     bias: bool = opt(True, "bias in Linear and LayerNorm layers (the earlier system could not turn it off)")
     ra_step: str | None = opt(
         None,
@@ -92,7 +119,9 @@ class AblationSection:
     ablation_mode: bool = opt(False, "run several V-steps one after another under the same budget and data")
     ablation_steps: str | None = opt(None, "comma-separated steps for --ablation-mode (default V0,V1,V3)")
     ablation_seeds: int = opt(
-        1, "run every ablation step with seeds seed..seed+N-1; the summary reports mean ± std and seed noise"
+        1,
+        "run every ablation step with seeds seed..seed+N-1; the summary reports mean ± std and seed noise",
+        rule=AT_LEAST_ONE,
     )
     list_steps: bool = opt(False, "print the V-step table and exit")
 
@@ -104,11 +133,16 @@ class DataSection:
     dataset: str = opt(
         "shakespeare",
         "shakespeare (bundled, offline), finewebedu, openwebtext, or a path to a text file or folder",
+        rule=NOT_EMPTY,
     )
     data_dir: str = opt("./gpt2/data", "where prepared datasets live (<data-dir>/<dataset>/train.bin)")
-    batch_size: int | None = opt(None, "sequences per micro-batch per process (preset default)")
+    batch_size: int | None = opt(
+        None, "sequences per micro-batch per process (preset default)", rule=POSITIVE
+    )
     gradient_accumulation: int | None = opt(
-        None, "micro-batches per optimizer step per process; effective batch = batch x accumulation x ranks"
+        None,
+        "micro-batches per optimizer step per process; effective batch = batch x accumulation x ranks",
+        rule=POSITIVE,
     )
 
 
@@ -122,26 +156,36 @@ class OptimSection:
         "adamwspam crashed on a missing setting; AdamW is the default here)",
         choices=OPTIMIZERS,
     )
-    learning_rate: float | None = opt(None, "peak learning rate (preset default: 6e-4 GPT-2)")
+    learning_rate: float | None = opt(None, "peak learning rate (preset default: 6e-4 GPT-2)", rule=POSITIVE)
     min_lr: float | None = opt(None, "floor of the cosine decay (preset default: lr/10)")
-    warmup_steps: int | None = opt(None, "linear warmup steps (preset default: 200 GPT-2)")
+    warmup_steps: int | None = opt(None, "linear warmup steps (preset default: 200 GPT-2)", rule=NON_NEGATIVE)
     decay_lr: bool = opt(True, "cosine-decay the LR to --min-lr (off: constant after warmup)")
     weight_decay: float = opt(
-        0.1, "decoupled weight decay on >=2-D weights only (really applied; it was silently 0 before)"
+        0.1,
+        "decoupled weight decay on >=2-D weights only (really applied; it was silently 0 before)",
+        rule=NON_NEGATIVE,
     )
-    beta1: float = opt(0.9, "Adam beta1")
-    beta2: float | None = opt(None, "Adam beta2 (default 0.999 as the earlier system; tiny preset 0.99)")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 turns clipping off")
-    spam_theta: float = opt(50.0, "AdamWSPAM: spike clipping strength theta (SPAM paper: 5000)")
+    beta1: float = opt(0.9, "Adam beta1", rule=FRACTION)
+    beta2: float | None = opt(
+        None, "Adam beta2 (default 0.999 as the earlier system; tiny preset 0.99)", rule=FRACTION
+    )
+    grad_clip: float = opt(
+        1.0, "clip the global gradient norm to this value; 0 turns clipping off", rule=NON_NEGATIVE
+    )
+    spam_theta: float = opt(
+        50.0, "AdamWSPAM: spike clipping strength theta (SPAM paper: 5000)", rule=POSITIVE
+    )
     spam_interval: int = opt(
         1000,
         "AdamWSPAM: zero the Adam moments every N optimizer steps; 0 disables (the earlier system "
         "counted each step twice and reset every N/2 steps)",
+        rule=NON_NEGATIVE,
     )
     spam_warmup_steps: int = opt(
         100,
         "AdamWSPAM: cosine LR re-warmup steps after each reset, < --spam-interval (the earlier CLI "
         "default 1000 = interval kept the LR in re-warmup for good; 100 is its Kconfig default)",
+        rule=NON_NEGATIVE,
     )
     spam_enable_clip: bool = opt(
         False, "AdamWSPAM: spike-aware clipping, |g| > sqrt(theta*v) -> sign(g)*sqrt(theta*v)"
@@ -156,24 +200,22 @@ class OptimSection:
     )
     adamwprune_variant: str = opt(
         "bitter0",
-        "AdamWPrune importance score (higher keeps; m, v Adam moments): bitter0 w^2|m|/(sqrt v+eps); "
-        "bitter1, bitter2 |w|; bitter3 |w|sqrt(|m|+eps); bitter4 bitter3 with per-layer sparsity "
-        "0.7s..1.3s; bitter5 -sign(w)m/(sqrt v+eps)+0.1|w|; bitter6 bitter3*sqrt(m^2/(v+eps)); "
-        "bitter7 |w|(|v|+eps)^0.25; bitter8 |w|sqrt(|m_hat|+eps); bitter9 bitter3-0.1sign(w)m/(sqrt v+eps). "
-        "bitter5/9 prune weights that Adam moves toward zero, their stated intent (the earlier "
-        "formulas had the opposite sign). bitter2 trains 1.21x, bitter3-6,8,9 1.3x the steps when "
-        "--max-iters is not given",
-        choices=BITTER_VARIANTS,
+        "AdamWPrune importance score (higher keeps; m, v Adam moments): "
+        + "; ".join(describe(name) for name in OPTIMIZER_SCORES)
+        + ". The extra steps apply when --max-iters is not given",
+        choices=OPTIMIZER_SCORES,
     )
     adamwprune_base_optimizer_name: str = opt(
         "adamw",
         "AdamWPrune base optimizer (adamwspam: with the --spam-* settings)",
         choices=("adamw", "adamwspam"),
     )
-    adamwprune_beta1: float | None = opt(None, "AdamWPrune beta1; unset: --beta1")
-    adamwprune_beta2: float | None = opt(None, "AdamWPrune beta2; unset: --beta2")
+    adamwprune_beta1: float | None = opt(None, "AdamWPrune beta1; unset: --beta1", rule=FRACTION)
+    adamwprune_beta2: float | None = opt(None, "AdamWPrune beta2; unset: --beta2", rule=FRACTION)
     adamwprune_weight_decay: float | None = opt(
-        None, "AdamWPrune weight decay on >=2-D weights; unset: --weight-decay (the earlier default was 0)"
+        None,
+        "AdamWPrune weight decay on >=2-D weights; unset: --weight-decay (the earlier default was 0)",
+        rule=NON_NEGATIVE,
     )
     adamwprune_amsgrad: bool = opt(False, "AdamWPrune AMSGrad")
 
@@ -189,9 +231,11 @@ class PruningSection:
         choices=PRUNING_METHODS,
     )
     target_sparsity: float = opt(
-        0.5, "final fraction of prunable weights set to zero, in [0, 1); reached exactly at the ramp end"
+        0.5,
+        "final fraction of prunable weights set to zero, in [0, 1); reached exactly at the ramp end",
+        rule=FRACTION,
     )
-    pruning_warmup: int = opt(1000, "steps before any pruning")
+    pruning_warmup: int = opt(1000, "steps before any pruning", rule=NON_NEGATIVE)
     pruning_ramp_end: int | None = opt(
         None,
         "step at which the cubic sparsity ramp reaches --target-sparsity, then holds "
@@ -201,6 +245,7 @@ class PruningSection:
         50,
         "steps between mask updates during the ramp (the earlier magnitude pruner ignored it)",
         aliases=("--adamwprune-frequency",),
+        rule=POSITIVE,
     )
     prune_embeddings: bool = opt(
         False,
@@ -208,7 +253,9 @@ class PruningSection:
         "the Linear weights of the blocks are pruned, never embeddings, LayerNorms, biases or gates",
     )
     pruning_threshold_sample: float = opt(
-        0.0, "estimate the global score threshold from this random fraction of the scores (0: exact)"
+        0.0,
+        "estimate the global score threshold from this random fraction of the scores (0: exact)",
+        rule=FRACTION,
     )
 
 
@@ -219,24 +266,32 @@ class TrainSection:
     max_iters: int = opt(
         10000,
         "optimizer steps; also the LR decay horizon (not given: 1.21x/1.3x for some AdamWPrune variants)",
+        rule=POSITIVE,
     )
-    max_time: float = opt(0, "wall-clock budget in seconds (0: none); the run stops at whichever comes first")
+    max_time: float = opt(
+        0, "wall-clock budget in seconds (0: none); the run stops at whichever comes first", rule=NON_NEGATIVE
+    )
     num_epochs: float | None = opt(
-        None, "passes over the training tokens; sets --max-iters from the dataset size", aliases=("--epochs",)
+        None,
+        "passes over the training tokens; sets --max-iters from the dataset size",
+        aliases=("--epochs",),
+        rule=POSITIVE,
     )
     seed: int = opt(1337, "seed for init, dropout and data order")
-    device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", rule=DEVICE)
     dtype: str = opt(
         "auto",
         "autocast dtype. auto: bfloat16 on CUDA (float16 if unsupported) and on CPUs with native "
         "bf16 matmuls (AMX or AVX512-BF16), else float32",
         choices=DTYPES,
     )
-    log_interval: int | None = opt(None, "steps between train-loss logs")
-    eval_interval: int | None = opt(None, "steps between evaluations")
-    eval_samples: int | None = opt(None, "batches per split per evaluation")
+    log_interval: int | None = opt(None, "steps between train-loss logs", rule=POSITIVE)
+    eval_interval: int | None = opt(None, "steps between evaluations", rule=POSITIVE)
+    eval_samples: int | None = opt(None, "batches per split per evaluation", rule=POSITIVE)
     max_bad_steps: int = opt(
-        5, "non-finite steps in a row (each skipped) before reloading the last checkpoint with half the LR"
+        5,
+        "non-finite steps in a row (each skipped) before reloading the last checkpoint with half the LR",
+        rule=POSITIVE,
     )
     deterministic: bool = opt(False, "bitwise-reproducible kernels (slower on CUDA; CPU runs already are)")
     dry_run: bool = opt(
@@ -251,16 +306,20 @@ class OutputSection:
 
     output_dir: str = opt("./output", "metrics.jsonl, results.json and checkpoints go here")
     save_checkpoint: bool = opt(False, "save checkpoint_last.pt and checkpoint_best.pt")
-    checkpoint_interval: int = opt(1000, "steps between checkpoints with --save-checkpoint")
+    checkpoint_interval: int = opt(1000, "steps between checkpoints with --save-checkpoint", rule=POSITIVE)
     keep_checkpoints: int = opt(
-        0, "with --save-checkpoint, also keep the K most recent checkpoint_step_N.pt files"
+        0,
+        "with --save-checkpoint, also keep the K most recent checkpoint_step_N.pt files",
+        rule=NON_NEGATIVE,
     )
     overwrite: bool = opt(False, "start afresh in an output dir that holds another run's checkpoint")
     resume: str | None = opt(
         None, "resume from a checkpoint PATH, or 'auto' (the output dir's last one if any)"
     )
     json_output: str | None = opt(None, "also copy results.json to this path (legacy flag)")
-    sample_tokens: int = opt(200, "tokens of text to sample and print at the end (0: none)")
+    sample_tokens: int = opt(
+        200, "tokens of text to sample and print at the end (0: none)", rule=NON_NEGATIVE
+    )
 
 
 @dataclass
@@ -365,6 +424,14 @@ class RunConfig:
         return cls(**kwargs, explicit=tuple(d.get("explicit", ())))
 
     @property
+    def pruning_score(self) -> str | None:
+        """The registered importance score this run prunes by (None: no pruning)."""
+        p = self.pruning
+        if p.pruning_method == "none":
+            return None
+        return self.optim.adamwprune_variant if p.pruning_method == "state" else p.pruning_method
+
+    @property
     def tokens_per_step(self) -> int:
         """Tokens per optimizer step on one process."""
         return self.data.batch_size * self.data.gradient_accumulation * self.model.block_size
@@ -422,7 +489,7 @@ def iteration_bump(cfg: RunConfig) -> float:
         return 0.0
     if "max_iters" in cfg.explicit or t.num_epochs is not None:
         return 0.0
-    return BITTER_EXTRA_ITERS.get(o.adamwprune_variant, 0.0)
+    return SCORES[o.adamwprune_variant].extra_iters
 
 
 def _resolve_pruning(cfg: RunConfig) -> None:
@@ -449,7 +516,6 @@ def _validate_optim_pruning(cfg: RunConfig) -> None:
     uses_spam = o.optimizer == "adamwspam" or (
         o.optimizer == "adamwprune" and o.adamwprune_base_optimizer_name == "adamwspam"
     )
-    _check(o.spam_theta > 0, f"--spam-theta must be positive, got {o.spam_theta}")
     spam_flags = sorted(n for n in given if n.startswith("spam_"))
     _check(
         uses_spam or not spam_flags,
@@ -466,19 +532,6 @@ def _validate_optim_pruning(cfg: RunConfig) -> None:
     _check(
         o.optimizer == "adamwprune" or not prune_flags,
         f"--{prune_flags[0].replace('_', '-') if prune_flags else ''} needs --optimizer adamwprune",
-    )
-    _check(
-        0 <= o.adamwprune_beta1 < 1 and 0 <= o.adamwprune_beta2 < 1,
-        "--adamwprune-beta1 and --adamwprune-beta2 must be in [0, 1)",
-    )
-    _check(
-        o.adamwprune_weight_decay >= 0,
-        f"--adamwprune-weight-decay must be >= 0, got {o.adamwprune_weight_decay}",
-    )
-    _check(p.pruning_frequency > 0, f"--pruning-frequency must be positive, got {p.pruning_frequency}")
-    _check(
-        0.0 <= p.pruning_threshold_sample < 1.0,
-        f"--pruning-threshold-sample must be in [0, 1), got {p.pruning_threshold_sample}",
     )
     _check(
         cfg.dist.parallel != "fsdp" or (p.pruning_method == "none" and o.optimizer != "adamwprune"),
@@ -517,7 +570,6 @@ def _validate_ra(cfg: RunConfig) -> None:
     if m.architecture != "unified-ra":
         _check("ra_gates" not in cfg.explicit, "--ra-gates needs --architecture unified-ra")
         _check(not a.ablation_mode, "--ablation-mode needs --architecture unified-ra")
-    _check(a.ablation_seeds >= 1, f"--ablation-seeds must be >= 1, got {a.ablation_seeds}")
     _check(a.ablation_mode or a.ablation_seeds == 1, "--ablation-seeds needs --ablation-mode")
     if a.ablation_mode:
         _check("ra_step" not in cfg.explicit, "--ablation-mode runs --ablation-steps; drop --ra-step")
@@ -541,46 +593,28 @@ def _validate_ra(cfg: RunConfig) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check every value and combination; cheap (no model, no data). Raises :class:`ConfigError`."""
     m, d, o, p, t, out = cfg.model, cfg.data, cfg.optim, cfg.pruning, cfg.train, cfg.output
-    for sec in SECTIONS:  # what argparse checks on the command line, for every other caller too
+    for sec in SECTIONS:  # each field's own choices and rule, for the command line and every other caller
         for f in fields(getattr(cfg, sec)):
             value, choices = getattr(getattr(cfg, sec), f.name), f.metadata.get("choices")
+            flag = "--" + f.name.replace("_", "-")
             if choices is not None and value is not None and value not in choices:
-                flag = "--" + f.name.replace("_", "-")
                 raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(map(str, choices))}")
-    for name in ("n_layer", "n_head", "n_embd", "block_size"):
-        v = getattr(m, name)
-        _check(v is None or v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
-    _check(0.0 <= m.dropout < 1.0, f"--dropout must be in [0, 1), got {m.dropout}")
+            if "rule" in f.metadata:
+                f.metadata["rule"].check(flag, value)
     try:  # the shapes; the V-step is _validate_ra's
         cfg.gpt_config(VANILLA_STEP).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check(d.batch_size > 0, f"--batch-size must be positive, got {d.batch_size}")
-    _check(
-        d.gradient_accumulation > 0,
-        f"--gradient-accumulation must be positive, got {d.gradient_accumulation}",
-    )
-    _check(bool(d.dataset.strip()), "--dataset must not be empty")
     if d.dataset not in KNOWN_DATASETS:
         _check(
             Path(d.dataset).exists(),
             f"unknown --dataset {d.dataset!r}: use one of {', '.join(KNOWN_DATASETS)} "
             "or the path of a text file or folder",
         )
-    _check(o.learning_rate > 0, f"--learning-rate must be positive, got {o.learning_rate}")
     _check(0 <= o.min_lr <= o.learning_rate, f"--min-lr must be in [0, learning rate], got {o.min_lr}")
-    _check(o.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {o.warmup_steps}")
-    _check(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
-    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
-    _check(o.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {o.grad_clip}")
     _check(
         o.spam_interval >= 0 and o.spam_warmup_steps >= 0, "--spam-interval/--spam-warmup-steps must be >= 0"
     )
-    _check(0.0 <= p.target_sparsity < 1.0, f"--target-sparsity must be in [0, 1), got {p.target_sparsity}")
-    _check(p.pruning_warmup >= 0, f"--pruning-warmup must be >= 0, got {p.pruning_warmup}")
-    _check(t.max_iters > 0, f"--max-iters must be positive, got {t.max_iters}")
-    _check(t.max_time >= 0, f"--max-time must be >= 0 seconds, got {t.max_time}")
-    _check(t.num_epochs is None or t.num_epochs > 0, f"--num-epochs must be positive, got {t.num_epochs}")
     _check(
         not (t.num_epochs is not None and "max_iters" in cfg.explicit),
         "give --num-epochs or --max-iters, not both",
@@ -590,8 +624,6 @@ def validate(cfg: RunConfig) -> None:
     _check(
         out.checkpoint_interval > 0, f"--checkpoint-interval must be positive, got {out.checkpoint_interval}"
     )
-    _check(out.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0, got {out.keep_checkpoints}")
-    _check(out.sample_tokens >= 0, f"--sample-tokens must be >= 0, got {out.sample_tokens}")
     _check(
         t.device == "auto" or t.device == "cpu" or t.device.startswith(("cuda", "mps")),
         f"unknown --device {t.device!r}: use auto, cpu, cuda or cuda:N",
@@ -600,7 +632,6 @@ def validate(cfg: RunConfig) -> None:
         not (t.dtype == "float16" and t.device == "cpu"),
         "--dtype float16 needs CUDA; use float32 or bfloat16 on CPU",
     )
-    _check(t.max_bad_steps > 0, f"--max-bad-steps must be positive, got {t.max_bad_steps}")
     _check(
         out.resume is not None
         or out.overwrite

@@ -58,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from gpt2.checkpoint_file import load
     from gpt2.model import GPT, GPTConfig
     from gpt2.runtime import configure_process, resolve_device
-    from gpt2.trainer import checkpoint
 
     configure_process()
-    state = checkpoint.load(Path(args.checkpoint))
+    state = load(Path(args.checkpoint))
     model = GPT(GPTConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     model.to(resolve_device(args.device))

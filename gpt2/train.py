@@ -1,6 +1,7 @@
 """Entry point: ``python gpt2/train.py [flags]`` from the repository root (or ``python -m gpt2.train``).
 
-Parse and validate every flag first (one line and exit status 2 on bad input), then run.
+Parse and validate every flag first (one line and exit status 2 on bad input), then run: list
+the steps, an ablation study, or one training run.
 """
 
 from __future__ import annotations
@@ -13,13 +14,36 @@ except ModuleNotFoundError:  # run by its path, python gpt2/train.py
     import _as_script  # noqa: F401
 
 from gpt2.cli import main_guard, parse
+from gpt2.config import RunConfig
+
+
+def run(cfg: RunConfig) -> int:
+    """Run a validated configuration; returns the process exit status."""
+    if cfg.ablation.list_steps:
+        from gpt2.model.steps import format_steps_table
+
+        print(format_steps_table())
+        return 0
+    from gpt2.trainer import distributed
+
+    try:
+        if cfg.ablation.ablation_mode:
+            from gpt2.trainer.ablation import run_ablation
+
+            run_ablation(cfg)
+        else:
+            from gpt2.trainer.run import train_once
+
+            train_once(cfg)
+    finally:
+        distributed.shutdown()
+    if not cfg.train.dry_run and distributed.from_env().is_main:
+        print("Training complete!")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv, prog="train.py")
-    from gpt2.trainer.run import run
-
-    return main_guard(run, cfg)
+    return main_guard(run, parse(argv, prog="train.py"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,18 @@
-"""Optimizers, parameter groups and the learning-rate schedule; they work with any model."""
+"""Optimizers, parameter groups and the learning-rate schedule; they work with any model.
 
-from gpt2.optim.adamwprune import AdamWPrune
-from gpt2.optim.factory import OPTIMIZER_BUILDERS, build_optimizer, param_groups
-from gpt2.optim.schedule import lr_at
-from gpt2.optim.spam import AdamWSPAM
+Names load lazily: the command line reads the score registry (``prune.scores``) before torch
+is imported.
+"""
 
-__all__ = ["OPTIMIZER_BUILDERS", "AdamWPrune", "AdamWSPAM", "build_optimizer", "lr_at", "param_groups"]
+from gpt2._lazy import lazy_attributes
+
+_HOME = {
+    "AdamWPrune": "adamwprune",
+    "AdamWSPAM": "spam",
+    "OPTIMIZER_BUILDERS": "factory",
+    "build_optimizer": "factory",
+    "param_groups": "factory",
+    "lr_at": "schedule",
+}
+__all__ = sorted(_HOME)
+__getattr__ = lazy_attributes(__name__, _HOME)

@@ -10,7 +10,6 @@ from torch import nn
 
 from gpt2.config import OptimSection
 from gpt2.optim.adamwprune import AdamWPrune
-from gpt2.optim.prune.masks import prunable_parameters
 from gpt2.optim.spam import AdamWSPAM
 
 
@@ -84,12 +83,9 @@ def _adamwspam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.opti
 
 
 def _adamwprune(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
-    # The default prunable set (block Linear weights); the pruning extension widens it for
-    # --prune-embeddings before the first step.
     spam = _spam_settings(cfg, compile) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {}
     return AdamWPrune(
         param_groups(model, cfg.adamwprune_weight_decay),
-        prunable=prunable_parameters(model),
         variant=cfg.adamwprune_variant,
         lr=cfg.learning_rate,
         betas=(cfg.adamwprune_beta1, cfg.adamwprune_beta2),

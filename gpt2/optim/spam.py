@@ -170,7 +170,6 @@ class AdamWSPAM(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        self._prepare_grads()
         s = self.spam
         self._settle(s["step"] + 1)
         t = s["step"] + 1  # exact, or an upper bound while skips are not read back (then no event is due)
@@ -249,9 +248,6 @@ class AdamWSPAM(torch.optim.AdamW):
             return rewarmup_multiplier(t, until, w)
         assert self._skipped is not None
         return rewarmup_multiplier(t - self._skipped.double(), until, w)
-
-    def _prepare_grads(self) -> None:
-        """Hook for subclasses: adjust the gradients before anything reads them (AdamWPrune masks them)."""
 
     def _adam_step(self) -> None:
         """The AdamW update itself (torch's fused / foreach implementation)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,39 @@ def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bo
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def parallelize(
+    model: nn.Module,
+    info: DistInfo,
+    device: torch.device,
+    *,
+    parallel: str = "ddp",
+    compile: bool = False,
+    compile_mode: str = "default",
+    find_unused_parameters: bool = False,
+) -> tuple[nn.Module, nn.Module]:
+    """Shard, compile and wrap ``model`` for this process; returns ``(eval_model, forward_model)``.
+
+    Under torchrun ``parallel="fsdp"`` shards each block, then the rest (embeddings, tied head,
+    final norm), in place (FSDP2): build the optimizer after this. ``eval_model`` is the
+    (compiled) model; ``forward_model`` is what training calls, DDP-wrapped under torchrun.
+    """
+    if info.enabled and parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    mode = None if compile_mode == "default" else compile_mode
+    eval_model = torch.compile(model, mode=mode) if compile else model
+    forward_model = eval_model
+    if info.enabled and parallel != "fsdp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward_model = DistributedDataParallel(
+            eval_model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+        )
+    return eval_model, forward_model

@@ -40,3 +40,15 @@ class Extension:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class Extensions(list):
+    """A run's extensions, in order; one checkpoint part, ``extensions`` -> {name: state}."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"extensions": {e.name: e.state_dict() for e in self}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("extensions", {})
+        for e in self:
+            e.load_state_dict(saved.get(e.name, {}))

@@ -1,4 +1,4 @@
-"""Run a validated configuration: list steps, dry run, ablation study, or a single training run."""
+"""One training run (or dry run) of a validated configuration, with the extensions it needs."""
 
 from __future__ import annotations
 
@@ -41,26 +41,3 @@ def train_once(cfg: RunConfig) -> dict:
         print(trainer.sample(cfg.output.sample_tokens))
         print("----------------")
     return results
-
-
-def run(cfg: RunConfig) -> int:
-    """Entry point below the CLI; returns the process exit status."""
-    if cfg.ablation.list_steps:
-        from gpt2.model.steps import format_steps_table
-
-        print(format_steps_table())
-        return 0
-    from gpt2.trainer import distributed
-
-    try:
-        if cfg.ablation.ablation_mode:
-            from gpt2.trainer.ablation import run_ablation
-
-            run_ablation(cfg)
-        else:
-            train_once(cfg)
-    finally:
-        distributed.shutdown()
-    if not cfg.train.dry_run and distributed.from_env().is_main:
-        print("Training complete!")
-    return 0

@@ -1,4 +1,4 @@
-"""AdamWPrune: each bitter score picks the expected weights; pruned entries stay exactly zero."""
+"""AdamWPrune and its Pruner: each bitter score picks the expected weights; pruned entries stay zero."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim.adamwprune import VARIANTS, AdamWPrune
-from gpt2.optim.prune import SparsitySchedule, prunable_parameters
+from gpt2.optim.prune import Pruner, SparsitySchedule, prunable_parameters
 from gpt2.trainer.extensions.pruning import PruningExtension
 
 # One 2x3 weight with chosen Adam moments after one step (t = 1, beta1 = 0.9); prune half (3 of 6).
@@ -43,22 +43,22 @@ EXPECTED_KEEP = {
 
 def optimizer_with_state(variant: str, weights: list[torch.Tensor], ms, vs, step: float = 1.0):
     params = [nn.Parameter(w.clone()) for w in weights]
-    opt = AdamWPrune(params, prunable=[(f"w{i}", p) for i, p in enumerate(params)], variant=variant)
+    opt = AdamWPrune(params, variant=variant)
     for p, m, v in zip(params, ms, vs):
         opt.state[p] = {"step": torch.tensor(step), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
-    return params, opt
+    return params, Pruner([(f"w{i}", p) for i, p in enumerate(params)], variant, optimizer=opt)
 
 
 @pytest.mark.parametrize("variant", sorted(EXPECTED_KEEP))
 def test_each_variant_selects_the_expected_weights(variant):
-    (p,), opt = optimizer_with_state(variant, [torch.tensor(W)], [torch.tensor(M)], [torch.tensor(V)])
-    opt.prune(0.5)
+    (p,), pruner = optimizer_with_state(variant, [torch.tensor(W)], [torch.tensor(M)], [torch.tensor(V)])
+    pruner.prune(0.5)
     keep = torch.tensor(EXPECTED_KEEP[variant])
-    assert torch.equal(opt.masks.masks[0], keep)
+    assert torch.equal(pruner.masks.masks[0], keep)
     assert torch.equal(p.detach() != 0, keep)  # pruned weights zeroed, the rest untouched
     assert torch.equal(p.detach()[keep], torch.tensor(W)[keep])
     for key in ("exp_avg", "exp_avg_sq"):
-        assert (opt.state[p][key][~keep] == 0).all()
+        assert (pruner.optimizer.state[p][key][~keep] == 0).all()
 
 
 SCORES_BY_HAND = {  # the values behind the masks above, in row order
@@ -75,8 +75,8 @@ SCORES_BY_HAND = {  # the values behind the masks above, in row order
 
 @pytest.mark.parametrize("variant", sorted(SCORES_BY_HAND))
 def test_each_variant_scores_the_hand_computed_values(variant):
-    (_,), opt = optimizer_with_state(variant, [torch.tensor(W)], [torch.tensor(M)], [torch.tensor(V)])
-    assert opt.scores(0).flatten().tolist() == pytest.approx(SCORES_BY_HAND[variant], rel=1e-4)
+    (_,), pruner = optimizer_with_state(variant, [torch.tensor(W)], [torch.tensor(M)], [torch.tensor(V)])
+    assert pruner.scores(0).flatten().tolist() == pytest.approx(SCORES_BY_HAND[variant], rel=1e-4)
 
 
 def test_every_registered_variant_is_tested():
@@ -85,9 +85,9 @@ def test_every_registered_variant_is_tested():
 
 def test_scores_fall_back_to_magnitude_before_the_first_step():
     p = nn.Parameter(torch.tensor(W))
-    opt = AdamWPrune([p], prunable=[("w", p)], variant="bitter0")
-    opt.prune(0.5)
-    assert torch.equal(opt.masks.masks[0], torch.tensor(EXPECTED_KEEP["bitter1"]))
+    pruner = Pruner([("w", p)], "bitter0", optimizer=AdamWPrune([p], variant="bitter0"))
+    pruner.prune(0.5)
+    assert torch.equal(pruner.masks.masks[0], torch.tensor(EXPECTED_KEEP["bitter1"]))
 
 
 def test_bitter4_prunes_each_layer_at_its_own_sparsity():
@@ -97,9 +97,9 @@ def test_bitter4_prunes_each_layer_at_its_own_sparsity():
     ms = [torch.randn(s, generator=gen) for s in shapes]
     vs = [torch.rand(s, generator=gen) for s in shapes]
     for s, expected in ((0.5, [35, 50, 65]), (0.9, [63, 90, 95])):  # s*(0.7, 1.0, 1.3), capped at 0.95
-        params, opt = optimizer_with_state("bitter4", ws, ms, vs)
-        opt.prune(s)
-        assert [int((~m).sum()) for m in opt.masks.masks] == expected
+        params, pruner = optimizer_with_state("bitter4", ws, ms, vs)
+        pruner.prune(s)
+        assert [int((~m).sum()) for m in pruner.masks.masks] == expected
         assert [int((p == 0).sum()) for p in params] == expected
 
 
@@ -108,13 +108,15 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
 
 
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, n: int, pruner: Pruner | None = None) -> None:
     gen = torch.Generator().manual_seed(1)
     for _ in range(n):
         x = torch.randn(32, 8, generator=gen)
         loss = model(x).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if pruner is not None:  # as the pruning extension does before every step
+            pruner.masks.apply_to_grads()
         opt.step()
 
 
@@ -125,15 +127,14 @@ SPAM_ON = dict(interval=3, warmup_steps=1, enable_clip=True, spike_detection=Tru
 def test_pruned_weights_grads_and_moments_stay_exactly_zero(spam):
     model = tiny_model()
     named = [(n, p) for n, p in model.named_parameters() if p.dim() == 2]
-    opt = AdamWPrune(
-        model.parameters(), prunable=named, variant="bitter7", lr=1e-2, weight_decay=0.1, amsgrad=True, **spam
-    )
+    opt = AdamWPrune(model.parameters(), variant="bitter7", lr=1e-2, weight_decay=0.1, amsgrad=True, **spam)
+    pruner = Pruner(named, "bitter7", optimizer=opt)
     train_steps(model, opt, 3)
-    opt.prune(0.6)
-    assert opt.masks.mask_sparsity() == pytest.approx(0.6, abs=1 / opt.masks.numel)
+    pruner.prune(0.6)
+    assert pruner.masks.mask_sparsity() == pytest.approx(0.6, abs=1 / pruner.masks.numel)
     for _ in range(5):
-        train_steps(model, opt, 1)  # the optimizer masks the gradients itself
-        for p, keep in zip(opt.masks.params, opt.masks.masks):
+        train_steps(model, opt, 1, pruner)
+        for p, keep in zip(pruner.masks.params, pruner.masks.masks):
             assert (p.grad[~keep] == 0).all() and (p.detach()[~keep] == 0).all()
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 assert (opt.state[p][key][~keep] == 0).all(), key
@@ -143,19 +144,23 @@ def test_pruned_weights_grads_and_moments_stay_exactly_zero(spam):
 def test_masks_survive_a_state_dict_round_trip():
     model = tiny_model()
     named = [(n, p) for n, p in model.named_parameters() if p.dim() == 2]
-    opt = AdamWPrune(model.parameters(), prunable=named, variant="bitter3", lr=1e-2)
-    train_steps(model, opt, 2)
-    opt.prune(0.5)
-    saved = copy.deepcopy(opt.state_dict())  # as a checkpoint would: no tensors shared
+    opt = AdamWPrune(model.parameters(), variant="bitter3", lr=1e-2)
+    pruner = Pruner(named, "bitter3", optimizer=opt)
+    train_steps(model, opt, 2, pruner)
+    pruner.prune(0.5)
+    saved = copy.deepcopy((opt.state_dict(), pruner.state_dict()))  # as a checkpoint would: no tensors shared
     twin = tiny_model()
     twin.load_state_dict(model.state_dict())
-    fresh = AdamWPrune(twin.parameters(), prunable=[], variant="bitter3", lr=1e-2)
-    fresh.load_state_dict(saved)
+    fresh_opt = AdamWPrune(twin.parameters(), variant="bitter3", lr=1e-2)
+    twin_named = [(n, p) for n, p in twin.named_parameters() if p.dim() == 2]
+    fresh = Pruner(twin_named, "bitter3", optimizer=fresh_opt)
+    fresh_opt.load_state_dict(saved[0])
+    fresh.load_state_dict(saved[1])
     assert fresh.masks.names == [n for n, _ in named]
-    for a, b in zip(opt.masks.masks, fresh.masks.masks):
+    for a, b in zip(pruner.masks.masks, fresh.masks.masks):
         assert b.dtype == torch.bool and torch.equal(a, b)
-    train_steps(model, opt, 2)
-    train_steps(twin, fresh, 2)
+    train_steps(model, opt, 2, pruner)
+    train_steps(twin, fresh_opt, 2, fresh)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
 
@@ -165,15 +170,15 @@ def test_unknown_variant_is_refused():
         AdamWPrune([nn.Parameter(torch.zeros(2, 2))], variant="bitter10")
 
 
-def test_prune_embeddings_widens_the_optimizers_prunable_set():
+def test_prune_embeddings_widens_the_prunable_set():
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
-    opt = AdamWPrune(model.parameters(), prunable=prunable_parameters(model), variant="bitter1")
-    assert "lm_head.weight" not in opt.masks.names
-    ext = PruningExtension("state", SparsitySchedule(0.5, 0, 10, 1), include_embeddings=True)
+    opt = AdamWPrune(model.parameters(), variant="bitter1")
+    assert "lm_head.weight" not in [n for n, _ in prunable_parameters(model)]
+    ext = PruningExtension("bitter1", SparsitySchedule(0.5, 0, 10, 1), include_embeddings=True)
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward()
     ext.before_optimizer_step(model, opt)
-    assert opt.masks.names[-1] == "lm_head.weight" and ext.masks is opt.masks
+    assert ext.masks.names[-1] == "lm_head.weight" and ext.pruner.optimizer is opt
     opt.step()
     ext.on_step_end(10, model, opt)  # the ramp end: the target, over blocks and the tied embedding
-    assert opt.masks.mask_sparsity() == pytest.approx(0.5, abs=1 / opt.masks.numel)
+    assert ext.masks.mask_sparsity() == pytest.approx(0.5, abs=1 / ext.masks.numel)
     assert (model.transformer.wte.weight == 0).any()

@@ -10,6 +10,7 @@ from gpt2.errors import ConfigError
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import build_optimizer
 from gpt2.optim.adamwprune import AdamWPrune
+from gpt2.optim.prune import Pruner, prunable_parameters
 from gpt2.optim.spam import AdamWSPAM
 
 
@@ -64,7 +65,8 @@ def test_factory_builds_spam_and_adamwprune_with_the_flags():
     prune = build_optimizer(model, cfg(optimizer="adamwprune", pruning_method="state").optim)
     assert isinstance(prune, AdamWPrune) and prune.interval == 0 and not prune.enable_clip  # AdamW base
     assert [g["weight_decay"] for g in prune.param_groups] == [0.1, 0.0]  # not silently 0
-    assert len(prune.masks) == 8 and all(m.dtype == torch.bool for m in prune.masks.masks)
+    pruner = Pruner(prunable_parameters(model), prune.variant, optimizer=prune)  # the masks' one owner
+    assert len(pruner.masks) == 8 and all(m.dtype == torch.bool for m in pruner.masks.masks)
     on_spam = build_optimizer(
         model,
         cfg(optimizer="adamwprune", pruning_method="state", adamwprune_base_optimizer_name="adamwspam").optim,

@@ -1,7 +1,19 @@
-"""Pruning: one mask mechanism (masks), one schedule (schedule), importance scores by name (scores)."""
+"""Pruning: one mask owner (pruner), boolean masks (masks), the sparsity schedule (schedule) and
+importance scores by name (scores).
 
-from gpt2.optim.prune.masks import MaskSet, prunable_parameters
-from gpt2.optim.prune.schedule import SparsitySchedule
-from gpt2.optim.prune.scores import SCORES, importance, layer_sparsity
+Names load lazily: the command line reads ``scores`` before torch is imported.
+"""
 
-__all__ = ["SCORES", "MaskSet", "SparsitySchedule", "importance", "layer_sparsity", "prunable_parameters"]
+from gpt2._lazy import lazy_attributes
+
+_HOME = {
+    "MaskSet": "masks",
+    "prunable_parameters": "masks",
+    "Pruner": "pruner",
+    "SparsitySchedule": "schedule",
+    "SCORES": "scores",
+    "importance": "scores",
+    "layer_sparsity": "scores",
+}
+__all__ = sorted(_HOME)
+__getattr__ = lazy_attributes(__name__, _HOME)

@@ -1,5 +1,9 @@
 """Importance scores, registered by name: ``score(weight, state) -> tensor``; higher keeps, lower prunes.
 
+This table is the only place the scores are defined: ``--pruning-method`` and
+``--adamwprune-variant`` choices, their help, the extra training some variants get and the
+layer-wise thresholds are all read from it. It imports no torch, so the command line can use it.
+
 ``state`` is a mapping of named tensors for that weight: Adam's ``exp_avg`` (m), ``exp_avg_sq``
 (v), ``step`` (t) and ``beta1`` for the AdamWPrune variants, the weights at the start of
 training (``initial``) for movement. When a score needs state that does not exist yet (before
@@ -16,14 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 EPS = 1e-8
+MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # state keys an optimizer's moments supply
 
-ScoreFn = Callable[[Tensor, Mapping[str, Any]], Tensor]
+ScoreFn = Callable[["Tensor", Mapping[str, Any]], "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,12 @@ class Importance:
     fn: ScoreFn
     needs: tuple[str, ...] = ()  # state keys; any missing -> |w|
     layerwise: bool = False  # threshold each layer at its own sparsity (layer_sparsity)
+    extra_iters: float = 0.0  # extra training (fraction of --max-iters) the reference's recipe gives it
+    from_optimizer: bool = False  # an AdamWPrune variant: scored from the optimizer's moments
+
+    @property
+    def reads_moments(self) -> bool:
+        return any(k in MOMENTS for k in self.needs)
 
 
 def _adam_step_size(m: Tensor, v: Tensor) -> Tensor:
@@ -65,6 +76,8 @@ def _bitter7(w: Tensor, s: Mapping[str, Any]) -> Tensor:
 
 
 def _bitter8(w: Tensor, s: Mapping[str, Any]) -> Tensor:
+    import torch
+
     beta1 = s.get("beta1", 0.9)
     step = torch.as_tensor(s["step"], dtype=torch.float32, device=w.device)
     m_hat = s["exp_avg"] / (1.0 - torch.pow(beta1, step) + EPS)
@@ -82,27 +95,41 @@ def _movement(w: Tensor, s: Mapping[str, Any]) -> Tensor:
 
 _MV = ("exp_avg", "exp_avg_sq")
 
+
+def _bitter(formula: str, fn: ScoreFn, needs: tuple[str, ...] = (), **kw: Any) -> Importance:
+    return Importance(formula, fn, needs, from_optimizer=True, **kw)
+
+
 SCORES: dict[str, Importance] = {
     "magnitude": Importance("|w|", lambda w, s: w.abs()),
     "movement": Importance("w·(w − w₀), w₀ the weights at the start of training", _movement, ("initial",)),
-    "bitter0": Importance("w²·|m|/(√v + ε)  (momentum × stability)", _bitter0, _MV),
-    "bitter1": Importance("|w|  (magnitude)", lambda w, s: w.abs()),
-    "bitter2": Importance("|w|  (magnitude, +21% steps)", lambda w, s: w.abs()),
-    "bitter3": Importance("|w|·√(|m| + ε)  (+30% steps)", _grad_magnitude, ("exp_avg",)),
-    "bitter4": Importance(
-        "bitter3, per-layer sparsity s·(0.7 … 1.3) capped at 0.95 (+30% steps)",
+    "bitter0": _bitter("w²·|m|/(√v + ε)  (momentum × stability)", _bitter0, _MV),
+    "bitter1": _bitter("|w|  (magnitude)", lambda w, s: w.abs()),
+    "bitter2": _bitter("|w|  (magnitude)", lambda w, s: w.abs(), extra_iters=0.21),
+    "bitter3": _bitter("|w|·√(|m| + ε)", _grad_magnitude, ("exp_avg",), extra_iters=0.30),
+    "bitter4": _bitter(
+        "bitter3, per-layer sparsity s·(0.7 … 1.3) capped at 0.95",
         _grad_magnitude,
         ("exp_avg",),
         layerwise=True,
+        extra_iters=0.30,
     ),
-    "bitter5": Importance("−sign(w)·m/(√v + ε) + 0.1·|w|  (movement to zero, +30% steps)", _bitter5, _MV),
-    "bitter6": Importance("|w|·√(|m| + ε)·√(m²/(v + ε))  (coherence, +30% steps)", _bitter6, _MV),
-    "bitter7": Importance("|w|·(|v| + ε)^¼  (conservative variance)", _bitter7, ("exp_avg_sq",)),
-    "bitter8": Importance(
-        "|w|·√(|m/(1 − β₁ᵗ + ε)| + ε)  (bias-corrected, +30% steps)", _bitter8, ("exp_avg", "step")
+    "bitter5": _bitter("−sign(w)·m/(√v + ε) + 0.1·|w|  (movement to zero)", _bitter5, _MV, extra_iters=0.30),
+    "bitter6": _bitter("|w|·√(|m| + ε)·√(m²/(v + ε))  (coherence)", _bitter6, _MV, extra_iters=0.30),
+    "bitter7": _bitter("|w|·(|v| + ε)^¼  (conservative variance)", _bitter7, ("exp_avg_sq",)),
+    "bitter8": _bitter(
+        "|w|·√(|m/(1 − β₁ᵗ + ε)| + ε)  (bias-corrected)", _bitter8, ("exp_avg", "step"), extra_iters=0.30
     ),
-    "bitter9": Importance("|w|·√(|m| + ε) − 0.1·sign(w)·m/(√v + ε)  (hybrid, +30% steps)", _bitter9, _MV),
+    "bitter9": _bitter("|w|·√(|m| + ε) − 0.1·sign(w)·m/(√v + ε)  (hybrid)", _bitter9, _MV, extra_iters=0.30),
 }
+OPTIMIZER_SCORES = tuple(name for name, s in SCORES.items() if s.from_optimizer)  # bitter0..bitter9
+
+
+def describe(name: str) -> str:
+    """``name: formula`` with the extra training, for help text and reports."""
+    s = SCORES[name]
+    extra = f" (+{s.extra_iters:.0%} steps)" if s.extra_iters else ""
+    return f"{name} {s.formula}{extra}"
 
 
 def importance(name: str, weight: Tensor, state: Mapping[str, Any]) -> Tensor:
