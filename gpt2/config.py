@@ -84,7 +84,7 @@ class ModelSection:
     dropout: float | None = opt(
         None, "dropout probability everywhere (preset default: 0.1 GPT-2, 0 tiny)", rule=FRACTION
     )
-    bias: bool = opt(True, "bias in Linear and LayerNorm layers (the earlier system could not turn it off)")
+    bias: bool = opt(True, "bias in Linear and LayerNorm layers")
     ra_step: str | None = opt(
         None,
         f"V-series step for --architecture unified-ra: {', '.join(STEPS)} (default {DEFAULT_RA_STEP}; "
@@ -152,8 +152,7 @@ class OptimSection:
 
     optimizer: str = opt(
         "adamw",
-        "optimizer; adam gets no weight decay, use adamw for decoupled decay (the earlier default "
-        "adamwspam crashed on a missing setting; AdamW is the default here)",
+        "optimizer; adam gets no weight decay, use adamw for decoupled decay",
         choices=OPTIMIZERS,
     )
     learning_rate: float | None = opt(None, "peak learning rate (preset default: 6e-4 GPT-2)", rule=POSITIVE)
@@ -162,13 +161,11 @@ class OptimSection:
     decay_lr: bool = opt(True, "cosine-decay the LR to --min-lr (off: constant after warmup)")
     weight_decay: float = opt(
         0.1,
-        "decoupled weight decay on >=2-D weights only (really applied; it was silently 0 before)",
+        "decoupled weight decay on >=2-D weights only (never biases, LayerNorms or gates)",
         rule=NON_NEGATIVE,
     )
     beta1: float = opt(0.9, "Adam beta1", rule=FRACTION)
-    beta2: float | None = opt(
-        None, "Adam beta2 (default 0.999 as the earlier system; tiny preset 0.99)", rule=FRACTION
-    )
+    beta2: float | None = opt(None, "Adam beta2 (default 0.999; tiny preset 0.99)", rule=FRACTION)
     grad_clip: float = opt(
         1.0, "clip the global gradient norm to this value; 0 turns clipping off", rule=NON_NEGATIVE
     )
@@ -177,14 +174,12 @@ class OptimSection:
     )
     spam_interval: int = opt(
         1000,
-        "AdamWSPAM: zero the Adam moments every N optimizer steps; 0 disables (the earlier system "
-        "counted each step twice and reset every N/2 steps)",
+        "AdamWSPAM: zero the Adam moments every N optimizer steps; 0 disables",
         rule=NON_NEGATIVE,
     )
     spam_warmup_steps: int = opt(
         100,
-        "AdamWSPAM: cosine LR re-warmup steps after each reset, < --spam-interval (the earlier CLI "
-        "default 1000 = interval kept the LR in re-warmup for good; 100 is its Kconfig default)",
+        "AdamWSPAM: cosine LR re-warmup steps after each reset, < --spam-interval",
         rule=NON_NEGATIVE,
     )
     spam_enable_clip: bool = opt(
@@ -192,12 +187,10 @@ class OptimSection:
     )
     spam_spike_detection: bool = opt(
         False,
-        "AdamWSPAM: the earlier system's z-score soft reset (m*=0.5, v*=0.9 when the gradient norm "
-        "is > 2 std above the last 100); reads the norm to the host every step",
+        "AdamWSPAM: z-score soft reset (m*=0.5, v*=0.9 when the gradient norm is > 2 std above the "
+        "last 100); reads the norm to the host every step",
     )
-    spam_amsgrad: bool = opt(
-        False, "AdamWSPAM: AMSGrad (the earlier system always used it; it adds a third state tensor)"
-    )
+    spam_amsgrad: bool = opt(False, "AdamWSPAM: AMSGrad (adds a third state tensor)")
     adamwprune_variant: str = opt(
         "bitter0",
         "AdamWPrune importance score (higher keeps; m, v Adam moments): "
@@ -214,7 +207,7 @@ class OptimSection:
     adamwprune_beta2: float | None = opt(None, "AdamWPrune beta2; unset: --beta2", rule=FRACTION)
     adamwprune_weight_decay: float | None = opt(
         None,
-        "AdamWPrune weight decay on >=2-D weights; unset: --weight-decay (the earlier default was 0)",
+        "AdamWPrune weight decay on >=2-D weights; unset: --weight-decay",
         rule=NON_NEGATIVE,
     )
     adamwprune_amsgrad: bool = opt(False, "AdamWPrune AMSGrad")
@@ -239,18 +232,18 @@ class PruningSection:
     pruning_ramp_end: int | None = opt(
         None,
         "step at which the cubic sparsity ramp reaches --target-sparsity, then holds "
-        "(unset: 0.8 x --max-iters; the earlier system ended it at the last step and fell short)",
+        "(unset: 0.8 x --max-iters)",
     )
     pruning_frequency: int = opt(
         50,
-        "steps between mask updates during the ramp (the earlier magnitude pruner ignored it)",
+        "steps between mask updates during the ramp (and one more at its end)",
         aliases=("--adamwprune-frequency",),
         rule=POSITIVE,
     )
     prune_embeddings: bool = opt(
         False,
-        "also prune the token embedding (= the tied lm_head), as the earlier system did; by default only "
-        "the Linear weights of the blocks are pruned, never embeddings, LayerNorms, biases or gates",
+        "also prune the token embedding (= the tied lm_head); by default only the Linear weights of "
+        "the blocks are pruned, never embeddings, LayerNorms, biases or gates",
     )
     pruning_threshold_sample: float = opt(
         0.0,
@@ -341,9 +334,7 @@ class DistSection:
         "state per block (FSDP2), for models that do not fit on one device",
         choices=("ddp", "fsdp"),
     )
-    ddp_find_unused_params: bool = opt(
-        False, "DDP find_unused_parameters (off: every parameter is used; the earlier system forced it on)"
-    )
+    ddp_find_unused_params: bool = opt(False, "DDP find_unused_parameters (off: every parameter is used)")
 
 
 SECTIONS: dict[str, type] = {

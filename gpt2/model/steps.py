@@ -4,7 +4,7 @@ This table is the only place that defines the steps; ``--ra-step``/``--ablation-
 validation, ``--list-steps`` and the ablation read it. Adding a step is one row.
 
 Every step is applied on top of ``BASE``, never on top of another step, so no setting
-leaks from one step to the next (the earlier system's ablation did leak them).
+leaks from one step to the next.
 """
 
 from __future__ import annotations

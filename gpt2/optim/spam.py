@@ -3,17 +3,14 @@
 SPAM (Huang et al., ICLR 2025, arXiv 2501.06842) adds three things to Adam; this class adds
 them to :class:`torch.optim.AdamW`, whose (fused or foreach) update does the Adam math, so
 with every SPAM feature off it *is* ``torch.optim.AdamW``. Per call of :meth:`step`, with
-``t`` the 1-based count of optimizer steps (the one counter; the earlier system advanced its
-counter twice per step, so it reset every interval/2 steps and, with interval = warm-up, kept
-the learning rate in a permanent re-warmup saw-tooth):
+``t`` the 1-based count of optimizer steps (the one counter; each step counts once):
 
 1. spike-aware clipping (``enable_clip``): every gradient element with
    ``|g| > sqrt(theta·(v + 1e-12))`` becomes ``sign(g)·sqrt(theta·(v + 1e-12))``, ``v`` being
    the second moment after the previous step (no clipping before the first step);
-2. optional z-score spike detection (``spike_detection``, the earlier system's addition, off by
-   default): when the global gradient norm is more than 2 standard deviations above the mean
-   of the last (up to 100) norms, ``m *= 0.5`` and ``v *= 0.9``. It reads the norm back to the
-   host once per step;
+2. optional z-score spike detection (``spike_detection``, off by default): when the global
+   gradient norm is more than 2 standard deviations above the mean of the last (up to 100)
+   norms, ``m *= 0.5`` and ``v *= 0.9``. It reads the norm back to the host once per step;
 3. moment reset (``interval > 0``): at ``t = interval, 2·interval, …`` the first and second
    moments are zeroed, and so is AMSGrad's running maximum (keeping it would keep the old,
    large denominator and make the reset a no-op for the step size). Adam's step count, and so

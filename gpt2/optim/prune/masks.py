@@ -20,8 +20,8 @@ def prunable_parameters(model: nn.Module, include_embeddings: bool = False) -> l
 
     Left out: biases, LayerNorms, gates and other plain parameters, position embeddings, and
     any Linear whose weight is also an ``nn.Embedding``'s or that is named ``lm_head`` (GPT-2's
-    output head is tied to the token embedding; pruning it prunes the embedding, which the
-    earlier system did by default). ``include_embeddings=True`` puts such heads back in.
+    output head is tied to the token embedding; pruning it prunes the embedding).
+    ``include_embeddings=True`` puts such heads back in.
     For GPT-2 small that is the 4 projections of each block: 84,934,656 weights.
     """
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}

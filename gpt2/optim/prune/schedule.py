@@ -11,9 +11,7 @@ class SparsitySchedule:
 
     ``0`` up to ``warmup``; ``target·p³`` with ``p = (step − warmup)/(ramp_end − warmup)`` in
     between; ``target`` from ``ramp_end`` on. Masks are updated every ``frequency`` steps during
-    the ramp and once more at ``ramp_end``, so the target is reached exactly there (the earlier
-    system ended the ramp at the last step and updated only on multiples of 50, so it stopped
-    short of the target).
+    the ramp and once more at ``ramp_end``, so the target is reached exactly there.
     """
 
     target: float

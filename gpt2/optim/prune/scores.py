@@ -12,8 +12,7 @@ the first optimizer step) it falls back to ``|w|``, as the reference does. ε = 
 bitter0..bitter9 are the reference's AdamWPrune variants (§6.3). bitter5 and bitter9 carry the
 sign of their *stated* intent: Adam moves a weight toward zero when ``sign(w)·m > 0``, and the
 score must be low (pruned first) for such weights, so the movement term is
-``−sign(w)·m/(√v + ε)``; the earlier system's formulas had ``+``, which pruned the weights moving
-away from zero instead.
+``−sign(w)·m/(√v + ε)`` (see docs/changes-from-knlp.md).
 """
 
 from __future__ import annotations
