@@ -42,6 +42,13 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
         usage="%(prog)s [options]   (run from the repository root)",
         argument_default=argparse.SUPPRESS,  # only flags actually given reach the namespace
     )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="read settings from an experiment file (sections [model], [optim], ... as the groups below, "
+        "keys as the flags without --); flags given here override it. Every run writes its own "
+        "config.toml, which replays the run",
+    )
     for cls in SECTIONS.values():
         group = parser.add_argument_group(cls.__doc__.strip().rstrip("."))
         hints = typing.get_type_hints(cls)
@@ -79,7 +86,12 @@ def parse(argv: list[str] | None = None, prog: str = "train.py") -> RunConfig:
     parser = build_parser(prog)
     ns = parser.parse_args(argv)
     values = vars(ns)
+    config_path = values.pop("config", None)
     try:
+        if config_path is not None:
+            from gpt2.config_file import resolve_with_file
+
+            return resolve_with_file(config_path, values)
         return resolve(values, explicit=set(values))
     except ConfigError as e:
         parser.exit(2, f"{prog}: error: {e}\n")

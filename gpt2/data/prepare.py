@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -516,7 +516,7 @@ def _write_dataset(
             "max_tokens": limit,
             "val_fraction": val_fraction,
             "splits": splits,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "prepare_seconds": round(seconds, 3),
         }
         meta_tmp = out / f"{META}.tmp"

@@ -20,6 +20,7 @@ import math
 import statistics
 import sys
 import traceback
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,10 @@ def step_config(cfg: RunConfig, step: str, seed: int, output_dir: Path) -> RunCo
     if c.track.tracker_run_name or c.track.tracker != "none":
         suffix = f"-{step}" + (f"-seed{seed}" if cfg.ablation.ablation_seeds > 1 else "")
         c.track.tracker_run_name = (cfg.track.tracker_run_name or "ablation") + suffix
+    # the arm's own inputs (its config.toml replays the arm, not the whole ablation)
+    arm = {"architecture", "ra_step", "seed", "output_dir", "resume", "save_checkpoint", "tracker_run_name"}
+    ablation = {f.name for f in fields(AblationSection)} | {"json_output"}
+    c.explicit = tuple(sorted((set(cfg.explicit) - ablation) | arm))
     validate(c)
     return c
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gpt2 import config_file
 from gpt2.config import RunConfig
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -236,6 +237,8 @@ class Trainer:
         c = self.cfg
         start = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:  # what this run is, replayable with --config
+            config_file.write(c, self.out_dir / config_file.CONFIG_TOML)
         self._setup_data()
         resume_path = self._resume_path()
         if resume_path is not None:

@@ -17,7 +17,6 @@ from gpt2.cli import parse
 from gpt2.config import resolve
 from gpt2.errors import UserError
 from gpt2.trainer.ablation import run_ablation
-from gpt2.trainer.extensions.unified_ra import UnifiedRAExtension
 from gpt2.trainer.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,9 +148,7 @@ def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp
     # each was handed the original budget although the previous "trainer" changed its own copy
     assert {c.model.ra_step: c.train.max_iters for c in received} == {"V2": 999, "V7": 999, "V0": 999}
     assert all(c is not cfg for c in received)
-    models = {
-        c.model.ra_step: UnifiedRAExtension.from_config(c).model_config(c.gpt_config()) for c in received
-    }
+    models = {c.model.ra_step: c.gpt_config() for c in received}  # the model follows from the config
     assert models["V2"].self_restart and not models["V7"].self_restart  # no leak from V2 into V7
     assert models["V7"].ra_rank == 8 and models["V0"].attention == "standard"
 

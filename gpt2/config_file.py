@@ -1,0 +1,136 @@
+"""Experiment files: a run's settings as TOML, read with ``tomllib`` and written with ``tomli_w``.
+
+Sections are the config sections (``[model]``, ``[optim]``, ... as in :data:`gpt2.config.SECTIONS`),
+keys are the flag names without ``--`` (``learning-rate = 6e-4``; ``learning_rate`` is accepted
+too). Every run writes its resolved settings as ``config.toml``, with ``[run] given`` listing
+the settings that were inputs (given on the command line or in a file); reading such a file
+resolves those inputs again, plus any value edited since, so ``--config <run>/config.toml``
+builds the same configuration, and a flag given after it re-derives what depends on it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from gpt2.config import SECTIONS, RunConfig, resolve
+from gpt2.errors import ConfigError
+
+CONFIG_TOML = "config.toml"  # what every run writes into its output directory
+RUN_META = "run"  # the section that records which settings were inputs
+NOT_WRITTEN = ("dry_run", "list_steps", "list_experiments", "config")  # modes of the command, not settings
+
+
+def _kinds() -> dict[str, tuple[str, type]]:
+    """field name -> (section, base type)."""
+    out: dict[str, tuple[str, type]] = {}
+    for sec, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+            out[f.name] = (sec, args[0] if args else hints[f.name])
+    return out
+
+
+def _typed(path: Path, where: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{path}: {where} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return float(value) if kind is float else value
+
+
+def read(path: str | Path) -> tuple[dict[str, Any], list[str] | None]:
+    """The settings of a TOML file as ``field -> value``, and its ``[run] given`` list (None if absent).
+
+    An unreadable file, an unknown section or key, or a value of the wrong type is a
+    :class:`ConfigError` naming the file and the key.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    kinds = _kinds()
+    values: dict[str, Any] = {}
+    given = None
+    for sec, table in data.items():
+        if sec == RUN_META and isinstance(table, dict):
+            given = [str(g) for g in table.get("given", [])]
+            continue
+        if sec not in SECTIONS or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{sec}]; sections are {', '.join(SECTIONS)}")
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            where = f"[{sec}] {key}"
+            if name not in kinds or name in NOT_WRITTEN:
+                raise ConfigError(f"{path}: unknown key {where}")
+            home, kind = kinds[name]
+            if home != sec:
+                raise ConfigError(f"{path}: {where} belongs in [{home}]")
+            values[name] = _typed(path, where, value, kind)
+    return values, given
+
+
+def resolve_with_file(path: str | Path, overrides: dict[str, Any]) -> RunConfig:
+    """The configuration of ``path`` with ``overrides`` (command-line flags) on top.
+
+    A file that a run wrote (with ``[run] given``) re-resolves its inputs, the overrides and any
+    value that differs from what they resolve to; a hand-written file's keys are all inputs.
+    """
+    values, given = read(path)
+    inputs = {k: v for k, v in values.items() if given is None or k in given} | overrides
+    try:
+        cfg = resolve(inputs, explicit=set(inputs))
+        flat = flatten(cfg)
+        edited = {k: v for k, v in values.items() if k not in inputs and flat.get(k) != v}
+        if edited:
+            inputs |= edited
+            cfg = resolve(inputs, explicit=set(inputs))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """``field -> value`` over every section."""
+    return {f.name: getattr(getattr(cfg, sec), f.name) for sec in SECTIONS for f in fields(SECTIONS[sec])}
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved settings as TOML (unset values left out), with ``[run] given``."""
+    import tomli_w
+
+    doc: dict[str, Any] = {
+        RUN_META: {"given": sorted(n for n in cfg.explicit if n not in NOT_WRITTEN)},
+    }
+    for sec, cls in SECTIONS.items():
+        table = {}
+        for f in fields(cls):
+            value = getattr(getattr(cfg, sec), f.name)
+            if value is not None and f.name not in NOT_WRITTEN:
+                table[f.name.replace("_", "-")] = value
+        doc[sec] = table
+    header = "# The resolved settings of this run; replay with: python gpt2/train.py --config <this file>\n"
+    return header + tomli_w.dumps(doc)
+
+
+def write(cfg: RunConfig, path: str | Path) -> Path:
+    """Write :func:`to_toml` to ``path`` atomically."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(to_toml(cfg))
+    os.replace(tmp, path)
+    return path
