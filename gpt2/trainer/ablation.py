@@ -183,7 +183,7 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
     if train:
         ms = statistics.median(m["ms_per_step"] for m in train)
     else:
-        ms = 1000 * r["wall_time_s"] / max(1, r["iters"])
+        ms = 1000 * r.get("train_time_s", r["wall_time_s"]) / max(1, r["iters"])
     tokens_per_step = r["tokens_seen"] / max(1, r["iters"])
     row.update(
         final_val_loss=r["final_val_loss"],
@@ -193,6 +193,7 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         iters=r["iters"],
         tokens_seen=r["tokens_seen"],
         wall_time_s=r["wall_time_s"],
+        train_time_s=r.get("train_time_s", r["wall_time_s"]),
         ms_per_step=ms,
         tokens_per_s=tokens_per_step / (ms / 1000) if ms > 0 else 0.0,
         peak_memory_mib=r["peak_memory_bytes"] / 2**20,
@@ -244,6 +245,7 @@ def summarize(
             "tokens_per_s",
             "ms_per_step",
             "peak_memory_mib",
+            "train_time_s",
             "wall_time_s",
         ):
             agg[key], agg[f"{key}_std"] = _mean_std([r[key] for r in mine])
@@ -335,6 +337,7 @@ CSV_FIELDS = (
     "delta_val_loss_vs_V0",
     "iters",
     "tokens_seen",
+    "train_time_s",
     "wall_time_s",
     "ms_per_step",
     "ms_per_step_vs_V0",

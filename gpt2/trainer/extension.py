@@ -27,6 +27,12 @@ class Extension:
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """After step ``step`` (1-based count of completed steps) finished."""
 
+    def on_time_budget(self, fraction: float) -> None:
+        """After each step of a ``--max-time`` run: the fraction of the training-time budget used."""
+
+    def on_time_budget_spent(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The ``--max-time`` budget ran out after step ``step``; no step follows."""
+
     def eval_metrics(self, model: nn.Module) -> dict[str, float]:
         """Extra metrics recorded with each evaluation (e.g. gate statistics)."""
         return {}

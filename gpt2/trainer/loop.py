@@ -42,7 +42,7 @@ from gpt2.trainer import checkpoint, distributed
 from gpt2.trainer.evaluate import evaluate
 from gpt2.trainer.extension import Extension, Extensions
 from gpt2.trainer.signals import StopRequest, catch_stop_signals
-from gpt2.trainer.state import TrainState
+from gpt2.trainer.state import TrainClock, TrainState
 from gpt2.trainer.step import TrainStep
 
 MAX_RESTARTS = 3  # self-healing restarts before a run gives up
@@ -112,6 +112,10 @@ class Trainer:
         self.max_iters = cfg.train.max_iters
         self.data: Any = None
         self.last_eval: dict[str, float] = {}  # the latest evaluation, with its step
+        self.clock = TrainClock(0.0)
+        self._compiled = False  # the compiled model has run a training step in this process
+        self._agreed_fraction = 0.0  # torchrun: the budget fraction the ranks last agreed on
+        self._fit_start, self._wall_base = time.perf_counter(), 0.0
         self.tokens_per_s = 0.0  # throughput of the latest log window
 
     # ----------------------------------------------------------------- helpers
@@ -183,7 +187,10 @@ class Trainer:
         Call it on every rank: rank 0 writes; gathering the ranks' RNG states (and under FSDP the
         weights) is collective.
         """
+        t0 = time.perf_counter()
+        self.state.wall_time = self._wall_base + t0 - self._fit_start
         state = checkpoint.collect(self.checkpoint_parts())
+        self.state.checkpoint_time += time.perf_counter() - t0  # (the write below is counted next time)
         if not self.dist.is_main:
             return
         if best:
@@ -235,7 +242,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``--max-iters`` or ``--max-time``; returns the results dict (also written to disk)."""
         c = self.cfg
-        start = time.perf_counter()
+        start = self._fit_start = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:  # what this run is, replayable with --config
             config_file.write(c, self.out_dir / config_file.CONFIG_TOML)
@@ -243,6 +250,7 @@ class Trainer:
         resume_path = self._resume_path()
         if resume_path is not None:
             self._restore(checkpoint.load(resume_path), resume_path)
+            self._wall_base = self.state.wall_time
             self.say(f"resumed from {resume_path} at step {self.step}")
         metrics: MetricsLog | _NullLog = _NullLog()
         if self.dist.is_main:
@@ -269,45 +277,80 @@ class Trainer:
         """The loop: step, log, evaluate, checkpoint, until a budget or a signal ends it; returns why."""
         c, st = self.cfg, self.state
         window = LogWindow(self.device, c.train.log_interval)
-        segment_start, base_time = time.perf_counter(), st.train_time
+        self.clock = TrainClock(st.train_time)  # training steps only: what --max-time budgets
         self.last_eval = {}
         stop_reason = "max_iters"
         with catch_stop_signals() as stop, self.console.progress(self.max_iters, st.step):
             try:
                 if st.step == 0 and not resumed:
-                    self.last_eval = self._evaluate_and_log(metrics, trackers)
+                    with self.clock.paused():
+                        self.last_eval = self._evaluate_and_log(metrics, trackers)
                 while st.step < self.max_iters:
-                    st.train_time = base_time + time.perf_counter() - segment_start
+                    st.train_time = self.clock()
                     reason = self._stop_reason(stop)
                     if reason is not None:
                         stop_reason = reason
+                        if reason == "max_time":
+                            for ext in self.extensions:
+                                ext.on_time_budget_spent(st.step, self.model, self.optimizer)
                         break
                     lr = self.lr()
-                    out = self.step_fn(self.data.train_batch, lr)
+                    out = self._step(lr)
                     st.step += 1
                     window.add(out.loss, out.applied)
+                    self._tell_budget()
                     for ext in self.extensions:
                         ext.on_step_end(st.step, self.model, self.optimizer)
                     self.console.advance()
                     save_due = c.output.save_checkpoint and st.step % c.output.checkpoint_interval == 0
                     # A checkpoint step is also a log step, so the checkpoint counts every skipped step.
-                    if st.step % c.train.log_interval == 0 or st.step == self.max_iters or save_due:
-                        elapsed = base_time + time.perf_counter() - segment_start
-                        if self._log_window(window, lr, out.grad_norm, elapsed, metrics, trackers):
-                            continue  # went back to a checkpoint: the window is void
+                    log_due = st.step % c.train.log_interval == 0 or st.step == self.max_iters or save_due
+                    if log_due and self._log_window(
+                        window, lr, out.grad_norm, self.clock(), metrics, trackers
+                    ):
+                        continue  # went back to a checkpoint: the window is void
                     if st.step % c.train.eval_interval == 0:
-                        with window.paused():  # evaluation is not training throughput
+                        with window.paused(), self.clock.paused():  # neither throughput nor budget
                             self.last_eval = self._evaluate_and_log(metrics, trackers)
                     if save_due:
-                        with window.paused():
+                        with window.paused(), self.clock.paused():
                             self.save()
                 if window.steps:  # stopped between log steps: count the skipped steps of that stretch
                     self._account_steps(window.flags(), metrics, can_restart=False)
             finally:
                 # No batch is needed any more; the data state rewinds to exclude the one prepared ahead.
                 self.data.close()
-        st.train_time = base_time + time.perf_counter() - segment_start
+        st.train_time = self.clock()
         return stop_reason
+
+    def _tell_budget(self) -> None:
+        """Under --max-time, the used fraction of the budget after this step, for the extensions.
+
+        Under torchrun the ranks agree on it (their mean) at log steps, so they prune alike.
+        """
+        c, st = self.cfg, self.state
+        if c.train.max_time <= 0:
+            return
+        st.train_time = self.clock()
+        fraction = st.train_time / c.train.max_time
+        if self.dist.enabled:
+            if st.step % c.train.log_interval == 0:
+                agreed = distributed.all_reduce_mean(torch.tensor(fraction, device=self.device), self.dist)
+                self._agreed_fraction = float(agreed)
+            fraction = self._agreed_fraction
+        for ext in self.extensions:
+            ext.on_time_budget(fraction)
+
+    def _step(self, lr: float) -> Any:
+        """One optimizer step; the process's first under --compile compiles: compile, not training time."""
+        st = self.state
+        if not self.cfg.model.compile or self._compiled:
+            return self.step_fn(self.data.train_batch, lr)
+        with self.clock.paused() as spent:
+            out = self.step_fn(self.data.train_batch, lr)
+        self._compiled = True
+        st.compile_time += spent[0]
+        return out
 
     def _stop_reason(self, stop: StopRequest) -> str | None:
         """Why to stop before the next step (a signal, the time budget), or None to go on.
@@ -469,7 +512,8 @@ class Trainer:
         self.say(
             f"done ({stop_reason}): step {self.step}, val loss {results['final_val_loss']:.4f} "
             f"(best {results['best_val_loss']:.4f}), {results['tokens_per_s']:,.0f} tokens/s, "
-            f"{results['wall_time_s']:.1f} s; results in {self.out_dir / 'results.json'}"
+            f"{results['train_time_s']:.1f} s training of {results['wall_time_s']:.1f} s; "
+            f"results in {self.out_dir / 'results.json'}"
         )
         return results
 
@@ -484,9 +528,13 @@ class Trainer:
             "final_val_perplexity": ev["val_perplexity"],
             "iters": st.step,
             "tokens_seen": tokens_seen,
-            "wall_time_s": st.train_time,
+            # the budgeted training time, then what the budget excludes, then the whole run
+            "train_time_s": st.train_time,
             "eval_time_s": st.eval_time,
-            "eval_fraction": st.eval_time / st.train_time if st.train_time > 0 else 0.0,
+            "compile_time_s": st.compile_time,
+            "checkpoint_time_s": st.checkpoint_time,
+            "wall_time_s": self._wall_base + time.perf_counter() - self._fit_start,
+            "eval_fraction": st.eval_time / (st.train_time + st.eval_time) if st.train_time > 0 else 0.0,
             "tokens_per_s": tokens_seen / st.train_time if st.train_time > 0 else 0.0,
             "last_window_tokens_per_s": self.tokens_per_s,
             "peak_memory_bytes": peak_memory_bytes(self.device),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -18,8 +21,11 @@ class TrainState:
 
     step: int = 0  # completed optimizer steps
     best_val_loss: float = math.inf
-    train_time: float = 0.0  # seconds spent training, summed over resumed segments
-    eval_time: float = 0.0  # seconds of it spent evaluating
+    train_time: float = 0.0  # seconds of training steps (what --max-time budgets), over all segments
+    eval_time: float = 0.0  # seconds spent evaluating (not in train_time)
+    compile_time: float = 0.0  # seconds of the first, compiling step under --compile (not in train_time)
+    checkpoint_time: float = 0.0  # seconds spent writing checkpoints (not in train_time)
+    wall_time: float = 0.0  # seconds of the whole run so far, data preparation included
     lr_scale: float = 1.0  # halved at each self-healing restart after non-finite steps
     bad_steps: int = 0  # non-finite steps skipped, over the whole run
     consecutive_bad: int = 0
@@ -33,3 +39,26 @@ class TrainState:
             if f.name in state:
                 kind = type(getattr(self, f.name))
                 setattr(self, f.name, kind(state[f.name]))
+
+
+class TrainClock:
+    """Training time: wall time since ``start`` plus ``base``, less the blocks run under :meth:`paused`."""
+
+    def __init__(self, base: float) -> None:
+        self.base = base
+        self._start = time.perf_counter()
+        self._paused = 0.0
+
+    def __call__(self) -> float:
+        return self.base + time.perf_counter() - self._start - self._paused
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[list[float]]:
+        """Time in the block is not training time; the yielded list receives its seconds."""
+        t0 = time.perf_counter()
+        spent: list[float] = []
+        try:
+            yield spent
+        finally:
+            spent.append(time.perf_counter() - t0)
+            self._paused += spent[0]

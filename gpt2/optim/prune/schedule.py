@@ -27,7 +27,7 @@ class SparsitySchedule:
         if self.frequency < 1:
             raise ValueError(f"frequency must be >= 1, got {self.frequency}")
 
-    def sparsity_at(self, step: int) -> float:
+    def sparsity_at(self, step: float) -> float:
         if step <= self.warmup:
             return 0.0
         if step >= self.ramp_end:
@@ -35,8 +35,14 @@ class SparsitySchedule:
         p = (step - self.warmup) / (self.ramp_end - self.warmup)
         return self.target * p**3
 
-    def due(self, step: int, applied: float) -> bool:
-        """Whether the masks should be updated after ``step``, when they prune ``applied`` now."""
-        if self.sparsity_at(step) <= applied:
+    def due(self, step: int, applied: float, position: float | None = None) -> bool:
+        """Whether the masks should be updated after ``step``, when they prune ``applied`` now.
+
+        ``position``: where the run is on the step axis when that is further than ``step`` (a
+        time-budgeted run maps its elapsed fraction of the budget onto the steps, as the LR
+        schedule does); updates still happen every ``frequency`` steps, and at the ramp end.
+        """
+        at = step if position is None else max(step, position)
+        if self.sparsity_at(at) <= applied:
             return False
-        return step % self.frequency == 0 or step >= self.ramp_end
+        return step % self.frequency == 0 or at >= self.ramp_end

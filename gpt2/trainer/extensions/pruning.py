@@ -55,8 +55,11 @@ class PruningExtension(Extension):
         include_embeddings: bool = False,
         sample_fraction: float = 0.0,
         verbose: bool = False,
+        horizon: int | None = None,
     ) -> None:
         self.score = score
+        self.horizon = horizon  # steps that a full --max-time budget stands for (None: steps only)
+        self.time_fraction = 0.0
         self.schedule = schedule
         self.include_embeddings = include_embeddings
         self.sample_fraction = sample_fraction
@@ -93,6 +96,7 @@ class PruningExtension(Extension):
             include_embeddings=p.prune_embeddings,
             sample_fraction=p.pruning_threshold_sample,
             verbose=verbose,
+            horizon=cfg.train.max_iters if cfg.train.max_time > 0 else None,
         )
 
     @property
@@ -129,11 +133,20 @@ class PruningExtension(Extension):
         if self.masks is not None and not isinstance(optimizer, KEEPS_ZEROS):
             self.masks.apply_to_weights()
 
+    def on_time_budget(self, fraction: float) -> None:
+        self.time_fraction = fraction
+
+    def on_time_budget_spent(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.on_time_budget(1.0)  # the whole budget: the ramp's end, whatever the last step saw
+        self.on_step_end(step, model, optimizer)
+
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         pruner = self._bind(model, optimizer)
-        if not self.schedule.due(step, self.applied):
+        # under --max-time the ramp follows time as the LR does, so the run reaches its target
+        position = max(step, self.time_fraction * self.horizon) if self.horizon else step
+        if not self.schedule.due(step, self.applied, position):
             return
-        sparsity = self.schedule.sparsity_at(step)
+        sparsity = self.schedule.sparsity_at(position)
         pruner.prune(sparsity, seed=step)
         self.applied, self.last_update = sparsity, step
         self.updates += 1

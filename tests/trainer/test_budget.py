@@ -1,0 +1,61 @@
+"""Equal budgets: --max-time counts training steps only; a time-budgeted pruning run reaches its target."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import gpt2.trainer.loop as loop_module
+from gpt2.config import resolve
+from gpt2.trainer.run import train_once
+
+
+def timed_run(flags: dict, slow_eval_s: float, monkeypatch) -> dict:
+    real = loop_module.Trainer.evaluate
+
+    def slow(self):  # an evaluation that costs slow_eval_s more
+        time.sleep(slow_eval_s)
+        return real(self)
+
+    monkeypatch.setattr(loop_module.Trainer, "evaluate", slow)
+    try:
+        return train_once(resolve(flags))
+    finally:
+        monkeypatch.setattr(loop_module.Trainer, "evaluate", real)
+
+
+def test_slow_evaluations_do_not_shorten_the_training_budget(tiny_flags, tmp_path, monkeypatch) -> None:
+    budget = 4.0
+    flags = tiny_flags | dict(max_iters=100_000, max_time=budget, eval_interval=5, log_interval=5)
+    fast = timed_run(flags | dict(output_dir=str(tmp_path / "fast")), 0.0, monkeypatch)
+    slow = timed_run(flags | dict(output_dir=str(tmp_path / "slow")), 0.5, monkeypatch)
+    for r in (fast, slow):
+        step_s = r["train_time_s"] / r["iters"]
+        assert budget <= r["train_time_s"] <= budget + 5 * step_s + 0.5, r["train_time_s"]
+        assert r["stop_reason"] == "max_time"
+    evaluations = slow["iters"] // 5 + 2  # step 0, every 5 steps, the final one
+    assert slow["eval_time_s"] >= 0.5 * (evaluations - 1)
+    assert slow["wall_time_s"] >= slow["train_time_s"] + slow["eval_time_s"]
+    # both trained for the budget: the same number of steps to within the steps' own noise
+    assert slow["iters"] >= 0.6 * fast["iters"]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "state"])
+def test_time_budgeted_pruning_reaches_its_target(tiny_flags, tmp_path, method) -> None:
+    over = dict(optimizer="adamwprune", adamwprune_variant="bitter7") if method == "state" else {}
+    flags = tiny_flags | dict(
+        max_iters=100_000,  # far beyond what the budget allows: the ramp must follow time
+        max_time=6.0,
+        pruning_method=method,
+        target_sparsity=0.5,
+        pruning_warmup=2,
+        pruning_frequency=2,
+        eval_interval=1000,
+        log_interval=5,
+        output_dir=str(tmp_path / "out"),
+        **over,
+    )
+    results = train_once(resolve(flags))
+    assert results["iters"] < 80_000 and results["stop_reason"] == "max_time"
+    assert abs(results["final_sparsity"] - 0.5) < 0.005
