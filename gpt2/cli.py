@@ -6,6 +6,7 @@ Bad input exits with status 2 and one line, before anything expensive is importe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -91,10 +92,15 @@ def parse(argv: list[str] | None = None, prog: str = "train.py") -> RunConfig:
         if config_path is not None:
             from gpt2.config_file import resolve_with_file
 
-            return resolve_with_file(config_path, values)
-        return resolve(values, explicit=set(values))
+            cfg = resolve_with_file(config_path, values)
+        else:
+            cfg = resolve(values, explicit=set(values))
     except ConfigError as e:
         parser.exit(2, f"{prog}: error: {e}\n")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        for line in cfg.warnings:
+            print(f"{prog}: warning: {line}", file=sys.stderr)
+    return cfg
 
 
 def main_guard(fn: Any, *args: Any) -> int:

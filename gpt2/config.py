@@ -124,6 +124,7 @@ class AblationSection:
         rule=AT_LEAST_ONE,
     )
     list_steps: bool = opt(False, "print the V-step table and exit")
+    list_experiments: bool = opt(False, "print the experiments/ files with their claims and exit")
 
 
 @dataclass
@@ -377,7 +378,8 @@ class RunConfig:
     output: OutputSection = field(default_factory=OutputSection)
     track: TrackSection = field(default_factory=TrackSection)
     dist: DistSection = field(default_factory=DistSection)
-    explicit: tuple[str, ...] = ()  # field names the user set on the command line
+    explicit: tuple[str, ...] = ()  # field names the user set (command line or --config file)
+    warnings: tuple[str, ...] = ()  # one line each about accepted settings (set by validate)
 
     def gpt_config(self, step: str | None = None) -> GPTConfig:
         """The model this run builds: the preset's shapes with the V-step (``step``, else the run's) applied.
@@ -500,7 +502,7 @@ def _resolve_pruning(cfg: RunConfig) -> None:
         t.max_iters = round(t.max_iters * (1 + bump))
 
 
-def _validate_optim_pruning(cfg: RunConfig) -> None:
+def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
     """SPAM, AdamWPrune and pruning flags: ranges, and no flag that the run would ignore."""
     o, p, t = cfg.optim, cfg.pruning, cfg.train
     given = set(cfg.explicit)
@@ -513,11 +515,10 @@ def _validate_optim_pruning(cfg: RunConfig) -> None:
         f"--{spam_flags[0].replace('_', '-') if spam_flags else ''} needs --optimizer adamwspam "
         "(or adamwprune with --adamwprune-base-optimizer-name adamwspam)",
     )
-    if uses_spam and o.spam_interval > 0:
-        _check(
-            o.spam_warmup_steps < o.spam_interval,
-            f"--spam-warmup-steps ({o.spam_warmup_steps}) must be below --spam-interval ({o.spam_interval}); "
-            "otherwise the LR never leaves the re-warmup",
+    if uses_spam and 0 < o.spam_interval <= o.spam_warmup_steps:  # accepted, as the earlier system did
+        warnings.append(
+            f"--spam-warmup-steps ({o.spam_warmup_steps}) >= --spam-interval ({o.spam_interval}): each reset "
+            "comes before the re-warmup ends, so the LR stays in re-warmup for the whole run"
         )
     prune_flags = sorted(n for n in given if n.startswith("adamwprune_"))
     _check(
@@ -648,7 +649,9 @@ def validate(cfg: RunConfig) -> None:
         "--ablation-steps needs --ablation-mode",
     )
     _validate_ra(cfg)
-    _validate_optim_pruning(cfg)
+    warnings: list[str] = []  # accepted settings whose effect deserves a line
+    _validate_optim_pruning(cfg, warnings)
+    cfg.warnings = tuple(warnings)
     _check(
         not (p.pruning_method == "state" and o.optimizer != "adamwprune"),
         "--pruning-method state needs --optimizer adamwprune (it prunes from the optimizer's state)",

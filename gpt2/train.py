@@ -24,6 +24,11 @@ def run(cfg: RunConfig) -> int:
 
         print(format_steps_table())
         return 0
+    if cfg.ablation.list_experiments:
+        from gpt2.experiments import format_experiments
+
+        print(format_experiments())
+        return 0
     from gpt2.trainer import distributed
 
     try:

@@ -41,7 +41,6 @@ def test_adamwprune_hyperparameters_default_to_the_general_ones():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (dict(optimizer="adamwspam", spam_interval=100, spam_warmup_steps=100), "never leaves"),
         (dict(optimizer="adamw", spam_enable_clip=True), "needs --optimizer adamwspam"),
         (dict(optimizer="adamw", adamwprune_variant="bitter3"), "needs --optimizer adamwprune"),
         (dict(pruning_frequency=10), "needs --pruning-method"),
@@ -72,3 +71,14 @@ def test_factory_builds_spam_and_adamwprune_with_the_flags():
         cfg(optimizer="adamwprune", pruning_method="state", adamwprune_base_optimizer_name="adamwspam").optim,
     )
     assert on_spam.interval == 1000
+
+
+def test_a_spam_rewarmup_as_long_as_the_interval_is_accepted_with_a_warning(capsys):
+    """The earlier system's B200 setting (interval 1000, re-warmup 1000): it runs, and says what happens."""
+    from gpt2.cli import parse
+
+    c = parse(["--optimizer", "adamwspam", "--spam-interval", "1000", "--spam-warmup-steps", "1000"])
+    assert (c.optim.spam_interval, c.optim.spam_warmup_steps) == (1000, 1000)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "stays in re-warmup" in err[0]
+    assert cfg(optimizer="adamwspam", spam_interval=1000, spam_warmup_steps=999).warnings == ()
