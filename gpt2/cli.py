@@ -71,6 +71,11 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                 else:
                     group.add_argument(*names, dest=f.name, action="store_true", help=help_text)
                 continue
+            if meta.get("repeat"):  # several axes: joined with ';' into the one field
+                group.add_argument(
+                    *names, dest=f.name, action="append", metavar=meta.get("metavar"), help=help_text
+                )
+                continue
             group.add_argument(
                 *names,
                 dest=f.name,
@@ -88,6 +93,9 @@ def parse(argv: list[str] | None = None, prog: str = "train.py") -> RunConfig:
     ns = parser.parse_args(argv)
     values = vars(ns)
     config_path = values.pop("config", None)
+    for name, value in values.items():
+        if isinstance(value, list):  # a repeated flag (--ablate)
+            values[name] = "; ".join(value)
     try:
         if config_path is not None:
             from gpt2.config_file import resolve_with_file

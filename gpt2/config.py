@@ -8,6 +8,7 @@ then from ``FALLBACKS``; :func:`resolve` does that and records which values the 
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -122,6 +123,14 @@ class AblationSection:
         1,
         "run every ablation step with seeds seed..seed+N-1; the summary reports mean ± std and seed noise",
         rule=AT_LEAST_ONE,
+    )
+    ablate: str | None = opt(
+        None,
+        "ablate any setting: KEY=V1,V2,... (KEY a flag name, with - or _); repeat the flag for more "
+        "axes, which form a grid (every combination, so interactions are measured). The first value "
+        "of each axis is the control. --ablation-mode --ablation-steps S is --ablate ra_step=S",
+        metavar="KEY=V1,V2",
+        repeat=True,
     )
     list_steps: bool = opt(False, "print the V-step table and exit")
     list_experiments: bool = opt(False, "print the experiments/ files with their claims and exit")
@@ -430,6 +439,54 @@ class RunConfig:
         return self.data.batch_size * self.data.gradient_accumulation * self.model.block_size
 
 
+def field_kinds() -> dict[str, tuple[str, type]]:
+    """field name -> (its section, its base type: bool, int, float or str)."""
+    out: dict[str, tuple[str, type]] = {}
+    for sec, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+            out[f.name] = (sec, args[0] if args else hints[f.name])
+    return out
+
+
+NOT_ABLATABLE = ("ablation", "output")  # sections an arm cannot vary (its folder, resume, ...)
+
+
+def parse_value(name: str, text: str) -> Any:
+    """``text`` as the type of field ``name``; :class:`ConfigError` when it is not one."""
+    kind = field_kinds()[name][1]
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes", "on")
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--ablate {name}: {text!r} is not a {kind.__name__}") from None
+
+
+def ablation_axes(text: str) -> list[tuple[str, list[Any]]]:
+    """``"optimizer=adamw,adamwspam; learning-rate=3e-4,6e-4"`` -> ``[(field, [values]), ...]``."""
+    kinds, axes = field_kinds(), []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        key, eq, values = part.partition("=")
+        name = key.strip().lstrip("-").replace("-", "_")
+        _check(bool(eq) and bool(values.strip()), f"--ablate {part!r}: write KEY=V1,V2,...")
+        _check(name in kinds, f"--ablate: unknown setting {key.strip()!r}")
+        _check(
+            kinds[name][0] not in NOT_ABLATABLE, f"--ablate: {key.strip()} is not a setting an arm can vary"
+        )
+        parsed = [parse_value(name, v.strip()) for v in values.split(",") if v.strip()]
+        _check(len(set(parsed)) == len(parsed), f"--ablate {name}: a value is listed twice")
+        _check(all(name != n for n, _ in axes), f"--ablate {name}: given twice")
+        axes.append((name, parsed))
+    _check(bool(axes), "--ablate: no KEY=V1,V2,... given")
+    return axes
+
+
 def section_of(name: str) -> str:
     """The section that owns field ``name``."""
     for sec, cls in SECTIONS.items():
@@ -562,7 +619,18 @@ def _validate_ra(cfg: RunConfig) -> None:
     if m.architecture != "unified-ra":
         _check("ra_gates" not in cfg.explicit, "--ra-gates needs --architecture unified-ra")
         _check(not a.ablation_mode, "--ablation-mode needs --architecture unified-ra")
-    _check(a.ablation_mode or a.ablation_seeds == 1, "--ablation-seeds needs --ablation-mode")
+    _check(
+        a.ablation_mode or a.ablate or a.ablation_seeds == 1,
+        "--ablation-seeds needs --ablation-mode or --ablate",
+    )
+    _check(not (a.ablation_mode and a.ablate), "give --ablate or --ablation-mode, not both")
+    if a.ablate:
+        axes = ablation_axes(a.ablate)
+        _check(
+            cfg.output.resume in (None, "auto"), "--ablate resumes each arm: give --resume auto or nothing"
+        )
+        clash = sorted({k for k, _ in axes} & set(cfg.explicit))
+        _check(not clash, f"--{clash[0].replace('_', '-') if clash else ''} is ablated: drop the flag")
     if a.ablation_mode:
         _check("ra_step" not in cfg.explicit, "--ablation-mode runs --ablation-steps; drop --ra-step")
         _check(
@@ -629,6 +697,7 @@ def validate(cfg: RunConfig) -> None:
         or out.overwrite
         or t.dry_run
         or cfg.ablation.ablation_mode
+        or cfg.ablation.ablate is not None
         or not (Path(out.output_dir) / "checkpoint_last.pt").exists(),
         f"--output-dir {out.output_dir} holds another run's checkpoint: pass --resume auto to continue it "
         "or --overwrite to start afresh",

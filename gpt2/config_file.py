@@ -11,28 +11,16 @@ builds the same configuration, and a flag given after it re-derives what depends
 from __future__ import annotations
 
 import tomllib
-import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import SECTIONS, RunConfig, resolve
+from gpt2.config import SECTIONS, RunConfig, field_kinds, resolve
 from gpt2.errors import ConfigError
 
 CONFIG_TOML = "config.toml"  # what every run writes into its output directory
 RUN_META = "run"  # the section that records which settings were inputs
 NOT_WRITTEN = ("dry_run", "list_steps", "list_experiments", "config")  # modes of the command, not settings
-
-
-def _kinds() -> dict[str, tuple[str, type]]:
-    """field name -> (section, base type)."""
-    out: dict[str, tuple[str, type]] = {}
-    for sec, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
-            out[f.name] = (sec, args[0] if args else hints[f.name])
-    return out
 
 
 def _typed(path: Path, where: str, value: Any, kind: type) -> Any:
@@ -60,7 +48,7 @@ def read(path: str | Path) -> tuple[dict[str, Any], list[str] | None]:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    kinds = _kinds()
+    kinds = field_kinds()
     values: dict[str, Any] = {}
     given = None
     for sec, table in data.items():

@@ -32,7 +32,7 @@ def run(cfg: RunConfig) -> int:
     from gpt2.trainer import distributed
 
     try:
-        if cfg.ablation.ablation_mode:
+        if cfg.ablation.ablation_mode or cfg.ablation.ablate:
             from gpt2.trainer.ablation import run_ablation
 
             run_ablation(cfg)

@@ -1,8 +1,12 @@
-"""Ablation mode: V-steps one after another under the same seed, data order and budget.
+"""Ablations: arms one after another under the same seeds, data order, initial weights and budget.
 
-Each (step, seed) is an ordinary run of :func:`gpt2.trainer.run.train_once` on its own copy
-of the configuration, in ``<output-dir>/<step>`` (``<output-dir>/<step>/seed<N>`` with several
-seeds). A step that crashes is recorded and the others still run; a rerun with the same
+An arm is a set of setting values on top of the ablation's own settings: one V-step
+(``--ablation-mode --ablation-steps``) or one combination of the ``--ablate KEY=V1,V2`` axes.
+Each (arm, seed) is an ordinary run of :func:`gpt2.trainer.run.train_once` on a configuration
+resolved afresh from the ablation's inputs plus the arm's values (so derived settings follow
+the arm), in ``<output-dir>/<arm>`` (``<output-dir>/<arm>/seed<N>`` with several seeds). The
+row key is still called ``step`` (the arm's name) and the control is the first arm (V0 for a
+V-step ablation that has it). A step that crashes is recorded and the others still run; a rerun with the same
 output dir skips finished steps and resumes an unfinished one from its last checkpoint.
 The summary (``ablation_summary.{json,md,csv}``, and the plots and HTML page of
 :mod:`gpt2.track.report` in ``report/``) is rebuilt from the step folders after every run.
@@ -20,12 +24,13 @@ import math
 import statistics
 import sys
 import traceback
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import AblationSection, RunConfig, validate
-from gpt2.errors import UserError
+from gpt2 import config_file
+from gpt2.config import SECTIONS, AblationSection, RunConfig, ablation_axes, resolve
+from gpt2.errors import ConfigError, UserError
 from gpt2.model.steps import get_step, parse_steps
 from gpt2.track.metrics import read_metrics, write_json_atomic
 from gpt2.track.report import write_report
@@ -37,31 +42,64 @@ SUMMARY = "ablation_summary"
 REPORT_DIR = "report"  # gpt2.track.report's PNGs (loss vs tokens / vs wall time, ...) and report.html
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One arm of an ablation: its name (folder, row), setting values and what it is."""
+
+    name: str
+    values: dict[str, Any]
+    description: str
+
+
+def _label(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def arms_of(cfg: RunConfig) -> tuple[list[Arm], str]:
+    """The arms of ``cfg``'s ablation and the name of its control."""
+    if cfg.ablation.ablate:
+        axes = ablation_axes(cfg.ablation.ablate)
+        arms = []
+        for combo in itertools.product(*[[(k, v) for v in values] for k, values in axes]):
+            values = dict(combo)
+            name = "_".join(f"{k}={_label(v)}" for k, v in combo) if len(axes) > 1 else _label(combo[0][1])
+            if "ra_step" in values:
+                values["architecture"] = "unified-ra"
+            desc = get_step(values["ra_step"]).description if len(axes) == 1 and "ra_step" in values else ""
+            arms.append(Arm(name, values, desc or ", ".join(f"{k} = {_label(v)}" for k, v in combo)))
+        return arms, arms[0].name
+    steps = parse_steps(cfg.ablation.ablation_steps or "")
+    arms = [Arm(s, {"architecture": "unified-ra", "ra_step": s}, get_step(s).description) for s in steps]
+    return arms, (BASELINE if BASELINE in steps else steps[0])
+
+
 def step_dir(out: Path, step: str, seed: int, several_seeds: bool) -> Path:
     return out / step / f"seed{seed}" if several_seeds else out / step
 
 
-def step_config(cfg: RunConfig, step: str, seed: int, output_dir: Path) -> RunConfig:
-    """A fresh, validated copy of ``cfg`` for one run of ``step``; ``cfg`` itself is never changed."""
-    c = RunConfig.from_dict(cfg.to_dict())
-    c.ablation = AblationSection()
-    c.model.architecture = "unified-ra"
-    c.model.ra_step = step
-    c.train.seed = seed
-    c.output.output_dir = str(output_dir)
-    c.output.json_output = None
-    if not c.train.dry_run:
-        c.output.resume = "auto"  # an interrupted step continues where its checkpoint left off
-        c.output.save_checkpoint = True  # so that there is a checkpoint to continue from
-    if c.track.tracker_run_name or c.track.tracker != "none":
-        suffix = f"-{step}" + (f"-seed{seed}" if cfg.ablation.ablation_seeds > 1 else "")
-        c.track.tracker_run_name = (cfg.track.tracker_run_name or "ablation") + suffix
-    # the arm's own inputs (its config.toml replays the arm, not the whole ablation)
-    arm = {"architecture", "ra_step", "seed", "output_dir", "resume", "save_checkpoint", "tracker_run_name"}
+def arm_config(cfg: RunConfig, arm: Arm, seed: int, output_dir: Path) -> RunConfig:
+    """A fresh configuration for one run of ``arm``: the ablation's inputs plus the arm's values,
+    resolved again (derived settings follow the arm); ``cfg`` itself is never changed."""
+    flat = {f.name: getattr(getattr(cfg, sec), f.name) for sec in SECTIONS for f in fields(SECTIONS[sec])}
     ablation = {f.name for f in fields(AblationSection)} | {"json_output"}
-    c.explicit = tuple(sorted((set(cfg.explicit) - ablation) | arm))
-    validate(c)
-    return c
+    inputs = {k: flat[k] for k in cfg.explicit if k in flat and k not in ablation}
+    inputs |= arm.values | {"seed": seed, "output_dir": str(output_dir)}
+    if not cfg.train.dry_run:
+        inputs["resume"] = "auto"  # an interrupted arm continues where its checkpoint left off
+        inputs["save_checkpoint"] = True  # so that there is a checkpoint to continue from
+    if cfg.track.tracker_run_name or cfg.track.tracker != "none":
+        suffix = f"-{arm.name}" + (f"-seed{seed}" if cfg.ablation.ablation_seeds > 1 else "")
+        inputs["tracker_run_name"] = (cfg.track.tracker_run_name or "ablation") + suffix
+    try:
+        return resolve(inputs, explicit=set(inputs))
+    except ConfigError as e:
+        raise UserError(f"ablation arm {arm.name}: {e}") from None
+
+
+def step_config(cfg: RunConfig, step: str, seed: int, output_dir: Path) -> RunConfig:
+    """:func:`arm_config` of V-step ``step``."""
+    arm = Arm(step, {"architecture": "unified-ra", "ra_step": step}, get_step(step).description)
+    return arm_config(cfg, arm, seed, output_dir)
 
 
 def _stopped_by_signal(results: dict[str, Any]) -> bool:
@@ -75,25 +113,36 @@ def _finished(results_path: Path) -> bool:
     return False
 
 
-def _release_memory() -> None:
+def _release_memory(compiled: bool = False) -> None:
     gc.collect()
     import torch
+
+    if compiled:  # every arm compiles afresh: never the recompile limit's silent fall-back to eager
+        torch._dynamo.reset()
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # each step reports its own peak
 
 
-def _run_one(cfg: RunConfig, step: str, seed: int, out_dir: Path) -> dict[str, Any]:
-    """Train (or skip, or resume) one (step, seed); returns a status record, never raises but ^C."""
+def _run_one(cfg: RunConfig, arm: Arm, seed: int, c: RunConfig) -> dict[str, Any]:
+    """Train (or skip, or resume) one (arm, seed) with its config ``c``; returns a status record,
+    never raises but ^C."""
     from gpt2.trainer.run import train_once
 
-    record: dict[str, Any] = {"step": step, "seed": seed, "dir": str(out_dir)}
+    out_dir = Path(c.output.output_dir)
+    record: dict[str, Any] = {
+        "step": arm.name,
+        "seed": seed,
+        "dir": str(out_dir),
+        "description": arm.description,
+    }
     if not cfg.train.dry_run and _finished(out_dir / "results.json"):
-        print(f"{step} (seed {seed}): finished earlier, results in {out_dir / 'results.json'}", flush=True)
+        print(
+            f"{arm.name} (seed {seed}): finished earlier, results in {out_dir / 'results.json'}", flush=True
+        )
         return {**record, "status": "done"}
-    c = step_config(cfg, step, seed, out_dir)
-    _release_memory()
+    _release_memory(c.model.compile)
     try:
         results = train_once(c)
     except KeyboardInterrupt:
@@ -123,16 +172,23 @@ def run_ablation(cfg: RunConfig) -> dict[str, Any]:
     After the summary is written: ``KeyboardInterrupt`` if a step was interrupted (rerun to
     continue), :class:`UserError` if a step failed (the others completed and are summarised).
     """
-    steps = parse_steps(cfg.ablation.ablation_steps or "")
+    arms, control = arms_of(cfg)
     seeds = [cfg.train.seed + k for k in range(cfg.ablation.ablation_seeds)]
     out = Path(cfg.output.output_dir)
     runs: list[dict[str, Any]] = []
-    todo = list(itertools.product(steps, seeds))
-    for i, (step, seed) in enumerate(todo, 1):
-        d = step_dir(out, step, seed, several_seeds=len(seeds) > 1)
-        desc = get_step(step).description
-        print(f"=== ablation {i}/{len(todo)}: {step} (seed {seed}) - {desc} -> {d}", flush=True)
-        runs.append(_run_one(cfg, step, seed, d))
+    todo = [
+        (arm, seed, arm_config(cfg, arm, seed, step_dir(out, arm.name, seed, several_seeds=len(seeds) > 1)))
+        for arm, seed in itertools.product(arms, seeds)
+    ]  # every arm's settings are checked before the first one trains
+    if from_env().is_main and not cfg.train.dry_run:
+        config_file.write(cfg, out / config_file.CONFIG_TOML)  # the whole ablation, replayable
+    for i, (arm, seed, c) in enumerate(todo, 1):
+        where = c.output.output_dir
+        print(
+            f"=== ablation {i}/{len(todo)}: {arm.name} (seed {seed}) - {arm.description} -> {where}",
+            flush=True,
+        )
+        runs.append(_run_one(cfg, arm, seed, c))
         if runs[-1]["status"] == "interrupted":
             break
     failed = [r for r in runs if r["status"] == "failed"]
@@ -144,7 +200,7 @@ def run_ablation(cfg: RunConfig) -> dict[str, Any]:
         return {"runs": runs}
     if not from_env().is_main:  # under torchrun every rank trains; rank 0 alone summarises
         return {"runs": runs}
-    summary = summarize(cfg, steps, seeds, runs)
+    summary = summarize(cfg, [a.name for a in arms], seeds, runs, control)
     write_summary(out, summary)
     print(summary_markdown(summary))
     if runs[-1]["status"] == "interrupted":
@@ -170,7 +226,7 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         "step": run["step"],
         "seed": run["seed"],
         "status": run["status"],
-        "description": get_step(run["step"]).description,
+        "description": run.get("description", ""),
         "dir": run["dir"],
     }
     if run["status"] != "done":
@@ -199,6 +255,7 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         peak_memory_mib=r["peak_memory_bytes"] / 2**20,
         n_params=r["n_params"],
         stop_reason=r["stop_reason"],
+        final_sparsity=r.get("final_sparsity"),
     )
     return row
 
@@ -216,23 +273,25 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarize(
-    cfg: RunConfig, steps: list[str], seeds: list[int], runs: list[dict[str, Any]]
+    cfg: RunConfig, steps: list[str], seeds: list[int], runs: list[dict[str, Any]], control: str | None = None
 ) -> dict[str, Any]:
-    """Rows per run, aggregates per step (mean ± std over seeds) and deltas against V0 (paired by seed)."""
+    """Rows per run, aggregates per arm (mean ± std over seeds) and deltas against the control, paired
+    by seed (same seed: same data order and, where shapes allow, the same initial weights)."""
     rows = [_run_row(r) for r in runs]
     done = {(r["step"], r["seed"]): r for r in rows if r["status"] == "done"}
-    base = BASELINE if BASELINE in steps else None
+    base = control if control is not None else (BASELINE if BASELINE in steps else None)
     for r in rows:
         b = done.get((base, r["seed"]))
         if r["status"] == "done" and b is not None:
-            r["delta_val_loss_vs_V0"] = r["final_val_loss"] - b["final_val_loss"]
-            r["ms_per_step_vs_V0"] = r["ms_per_step"] / b["ms_per_step"]
+            r["delta_val_loss_vs_control"] = r["final_val_loss"] - b["final_val_loss"]
+            r["ms_per_step_vs_control"] = r["ms_per_step"] / b["ms_per_step"]
     per_step = []
     for step in steps:
         mine = [r for r in rows if r["step"] == step and r["status"] == "done"]
+        described = [r["description"] for r in rows if r["step"] == step and r.get("description")]
         agg: dict[str, Any] = {
             "step": step,
-            "description": get_step(step).description,
+            "description": described[0] if described else "",
             "runs_done": len(mine),
             "runs": sum(r["step"] == step for r in rows),
         }
@@ -247,23 +306,27 @@ def summarize(
             "peak_memory_mib",
             "train_time_s",
             "wall_time_s",
+            "final_sparsity",
         ):
-            agg[key], agg[f"{key}_std"] = _mean_std([r[key] for r in mine])
+            agg[key], agg[f"{key}_std"] = _mean_std([r[key] for r in mine if r.get(key) is not None])
         agg["n_params"] = mine[0]["n_params"] if mine else None
-        deltas = [r["delta_val_loss_vs_V0"] for r in mine if "delta_val_loss_vs_V0" in r]
-        agg["delta_val_loss_vs_V0"], agg["delta_val_loss_vs_V0_std"] = _mean_std(deltas)
-        ratios = [r["ms_per_step_vs_V0"] for r in mine if "ms_per_step_vs_V0" in r]
-        agg["ms_per_step_vs_V0"] = statistics.fmean(ratios) if ratios else None
+        deltas = [r["delta_val_loss_vs_control"] for r in mine if "delta_val_loss_vs_control" in r]
+        agg["delta_val_loss_vs_control"], agg["delta_val_loss_vs_control_std"] = _mean_std(deltas)
+        ratios = [r["ms_per_step_vs_control"] for r in mine if "ms_per_step_vs_control" in r]
+        agg["ms_per_step_vs_control"] = statistics.fmean(ratios) if ratios else None
         # Paired t-test over seeds: same seed = same init (but the new gates) and the same data order.
-        agg["beyond_seed_noise"] = None
+        agg["beyond_seed_noise"], agg["delta_ci95"] = None, None
         if step != base and len(deltas) > 1:
-            se = statistics.stdev(deltas) / math.sqrt(len(deltas))
-            agg["beyond_seed_noise"] = abs(agg["delta_val_loss_vs_V0"]) > _t95(len(deltas) - 1) * se
+            half = _t95(len(deltas) - 1) * statistics.stdev(deltas) / math.sqrt(len(deltas))
+            mean = agg["delta_val_loss_vs_control"]
+            agg["delta_ci95"] = [mean - half, mean + half]
+            agg["beyond_seed_noise"] = abs(mean) > half  # the 95% interval excludes 0
         per_step.append(agg)
     return {
         "steps": steps,
         "seeds": seeds,
         "baseline": base,
+        "control": base,
         "by_step": per_step,
         "runs": rows,
         "model_name": cfg.model.model_name,
@@ -287,36 +350,54 @@ def _fmt(v: Any, std: Any = None, digits: int = 4) -> str:
     return s if std is None else f"{s} ± {std:,.{digits}f}"
 
 
+def _ci(a: dict[str, Any]) -> str:
+    ci = a.get("delta_ci95")
+    return "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
-    b = s["budget"]
+    """The answer first: one row per arm, against the control, then what the columns mean."""
+    b, control = s["budget"], s.get("control") or s.get("baseline")
     several = len(s["seeds"]) > 1
+    sparsity = any(a.get("final_sparsity") is not None for a in s["by_step"])
     lines = [
         f"# Ablation summary ({s['model_name']}, dataset {s['dataset']})",
         "",
-        f"Steps {', '.join(s['steps'])}; seeds {', '.join(map(str, s['seeds']))}; budget per run: "
-        f"{b['max_iters']} steps"
-        + (f" or {b['max_time_s']:g} s" if b["max_time_s"] else "")
-        + f", {b['tokens_per_step']:,} tokens/step. ms/step is the median over log windows (evaluation "
-        "excluded); tokens/s follows from it. Peak memory: CUDA peak per run; on CPU the process's "
-        "peak RSS so far. "
-        "Δ is the final val loss minus V0's with the same seed"
-        + (" (mean ± std over seeds); 'beyond noise': a paired t-test at 5% over seeds." if several else "."),
-        "",
-        "| step | final val loss | best val loss | val ppl | Δ vs V0 | beyond noise | ms/step | vs V0 | "
-        "tokens/s | tokens seen | peak MiB | params | runs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| arm | final val loss | best val loss | val ppl | Δ vs {control} | 95% CI of Δ | beyond noise | "
+        + ("sparsity | " if sparsity else "")
+        + f"ms/step | vs {control} | tokens/s | tokens seen | train s | peak MiB | params | runs |",
+        "|---|---|---|---|---|---|---|" + ("---|" if sparsity else "") + "---|---|---|---|---|---|---|---|",
     ]
     for a in s["by_step"]:
         lines.append(
             f"| {a['step']} | {_fmt(a['final_val_loss'], a['final_val_loss_std'])} | "
             f"{_fmt(a['best_val_loss'], a['best_val_loss_std'])} | {_fmt(a['final_val_ppl'], digits=2)} | "
-            f"{_fmt(a['delta_val_loss_vs_V0'], a['delta_val_loss_vs_V0_std'])} | "
+            f"{_fmt(a['delta_val_loss_vs_control'], a['delta_val_loss_vs_control_std'])} | {_ci(a)} | "
             f"{_fmt(a['beyond_seed_noise'])} | "
-            f"{_fmt(a['ms_per_step'], digits=1)} | {_fmt(a['ms_per_step_vs_V0'], digits=3)} | "
+            + (f"{_fmt(a.get('final_sparsity'), digits=4)} | " if sparsity else "")
+            + f"{_fmt(a['ms_per_step'], digits=1)} | {_fmt(a['ms_per_step_vs_control'], digits=3)} | "
             f"{_fmt(a['tokens_per_s'], digits=0)} | {_fmt(a['tokens_seen'], digits=0)} | "
+            f"{_fmt(a['train_time_s'], digits=1)} | "
             f"{_fmt(a['peak_memory_mib'], digits=0)} | {_fmt(a['n_params'])} | {a['runs_done']}/{a['runs']} |"
         )
-    lines += ["", "Steps: " + "; ".join(f"{a['step']} {a['description']}" for a in s["by_step"]) + "."]
+    lines += [
+        "",
+        f"Arms {', '.join(s['steps'])} (control: {control}); seeds {', '.join(map(str, s['seeds']))}; "
+        f"budget per run: {b['max_iters']} steps"
+        + (f" or {b['max_time_s']:g} s of training (evaluation excluded)" if b["max_time_s"] else "")
+        + f", {b['tokens_per_step']:,} tokens/step. Δ is the final val loss minus the control's with "
+        "the same seed (same data order and initial weights where shapes allow)"
+        + (
+            ", mean ± std over seeds; 'beyond noise': a paired t-test at 5% over seeds, i.e. whether the "
+            "95% interval of Δ excludes 0 (no: the difference is inside the seed noise)."
+            if several
+            else "; with one seed there is no noise estimate (use --ablation-seeds)."
+        )
+        + " ms/step is the median over log windows (evaluation excluded); tokens/s follows from it. "
+        "Peak memory: CUDA peak per run; on CPU the process's peak RSS so far.",
+        "",
+        "Arms: " + "; ".join(f"{a['step']}: {a['description']}" for a in s["by_step"]) + ".",
+    ]
     problems = [r for r in s["runs"] if r["status"] != "done"]
     if problems:
         lines += ["", "Runs that did not finish:"]
@@ -334,13 +415,14 @@ CSV_FIELDS = (
     "best_val_loss",
     "final_val_ppl",
     "best_val_ppl",
-    "delta_val_loss_vs_V0",
+    "delta_val_loss_vs_control",
     "iters",
     "tokens_seen",
     "train_time_s",
     "wall_time_s",
     "ms_per_step",
-    "ms_per_step_vs_V0",
+    "ms_per_step_vs_control",
+    "final_sparsity",
     "tokens_per_s",
     "peak_memory_mib",
     "n_params",

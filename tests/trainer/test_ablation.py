@@ -18,6 +18,7 @@ from gpt2.config import resolve
 from gpt2.errors import UserError
 from gpt2.trainer.ablation import run_ablation
 from gpt2.trainer.loop import Trainer
+from tests.conftest import as_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,7 +165,7 @@ def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     assert status == {"V0": "done", "V1": "failed", "V3": "done"}
     assert "boom in V1" in (tmp_path / "ablation_summary.md").read_text()
     v3 = next(a for a in summary["by_step"] if a["step"] == "V3")
-    assert v3["delta_val_loss_vs_V0"] == pytest.approx(-0.5)
+    assert v3["delta_val_loss_vs_control"] == pytest.approx(-0.5)
 
 
 def test_finished_steps_are_skipped_and_signal_stopped_ones_run_again(tmp_path, monkeypatch) -> None:
@@ -192,7 +193,7 @@ def test_seeds_give_mean_std_and_a_paired_noise_test(tmp_path, monkeypatch) -> N
     by = {a["step"]: a for a in summary["by_step"]}
     assert by["V0"]["final_val_loss"] == pytest.approx(9.1 / 3)
     assert by["V0"]["final_val_loss_std"] == pytest.approx(0.152752523, rel=1e-6)
-    assert by["V1"]["delta_val_loss_vs_V0"] == pytest.approx(-0.1)
+    assert by["V1"]["delta_val_loss_vs_control"] == pytest.approx(-0.1)
     assert by["V1"]["beyond_seed_noise"] is True
     assert by["V3"]["beyond_seed_noise"] is False
     assert by["V0"]["beyond_seed_noise"] is None
@@ -280,7 +281,7 @@ def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
     v1 = saved["by_step"][1]
     assert v1["n_params"] - saved["by_step"][0]["n_params"] == 2 * 2 * 2  # gates only: 2 per head and layer
     delta = results["V1"]["final_val_loss"] - results["V0"]["final_val_loss"]
-    assert v1["delta_val_loss_vs_V0"] == pytest.approx(delta)
+    assert v1["delta_val_loss_vs_control"] == pytest.approx(delta)
     md = (out / "ablation_summary.md").read_text()
     assert "| V0 |" in md and "| V1 |" in md and f"{results['V1']['final_val_loss']:.4f}" in md
     assert len((out / "ablation_summary.csv").read_text().splitlines()) == 3
@@ -294,3 +295,79 @@ def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
     assert all("gates/attn_w_rec_mean" in r and "gates/L1/attn_w_std_h1" in r for r in evals)
     assert (out / "V1" / "gates.png").exists() and not (out / "V0" / "gates.png").exists()
     assert results["V1"]["final_gates"]["gates/attn_w_std_mean"] == evals[-1]["gates/attn_w_std_mean"]
+
+
+# ------------------------------------------------------------------ --ablate over any setting
+
+
+def test_ablate_axes_parse_and_form_a_grid(tmp_path) -> None:
+    from gpt2.trainer.ablation import arms_of
+
+    cfg = parse(
+        ["--model-name", "tiny", "--output-dir", str(tmp_path), "--ablate", "optimizer=adamw,adamwspam",
+         "--ablate", "learning-rate=3e-4,6e-4"]
+    )  # fmt: skip
+    arms, control = arms_of(cfg)
+    assert [a.name for a in arms] == [
+        "optimizer=adamw_learning_rate=0.0003",
+        "optimizer=adamw_learning_rate=0.0006",
+        "optimizer=adamwspam_learning_rate=0.0003",
+        "optimizer=adamwspam_learning_rate=0.0006",
+    ]
+    assert control == arms[0].name and arms[3].values == {"optimizer": "adamwspam", "learning_rate": 6e-4}
+    steps = parse(["--model-name", "tiny", "--output-dir", str(tmp_path), "--ablate", "ra_step=V0,V1"])
+    assert [(a.name, a.values["architecture"]) for a in arms_of(steps)[0]] == [
+        ("V0", "unified-ra"),
+        ("V1", "unified-ra"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ablate", "optimiser=adamw,sgd"], "unknown setting 'optimiser'"),
+        (["--ablate", "learning-rate=fast"], "'fast' is not a float"),
+        (["--ablate", "optimizer"], "write KEY=V1,V2"),
+        (["--ablate", "output-dir=a,b"], "not a setting an arm can vary"),
+        (["--ablate", "optimizer=adamw,adamw"], "listed twice"),
+        (["--ablate", "optimizer=adamw,sgd", "--optimizer", "sgd"], "--optimizer is ablated"),
+        (["--ablate", "optimizer=adamw", "--ablation-mode", "--architecture", "unified-ra"], "not both"),
+    ],
+)
+def test_bad_ablate_flags_are_one_line(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_arm_that_cannot_run_stops_the_ablation_before_any_training(tmp_path) -> None:
+    cfg = parse(
+        ["--model-name", "tiny", "--output-dir", str(tmp_path), "--ablate", "pruning-method=none,state"]
+    )
+    with pytest.raises(
+        UserError, match="ablation arm state: --pruning-method state needs --optimizer adamwprune"
+    ):
+        run_ablation(cfg)
+    assert not any(tmp_path.iterdir())
+
+
+def test_ablate_optimizer_runs_every_arm_from_the_same_start(tiny_flags, tmp_path) -> None:
+    flags = tiny_flags | dict(max_iters=6, eval_interval=3, output_dir=str(tmp_path / "abl"))
+    cfg = parse([*as_argv(flags), "--ablate", "optimizer=adamw,adamwspam", "--ablation-seeds", "2"])
+    summary = run_ablation(cfg)
+    assert summary["control"] == "adamw" and [a["step"] for a in summary["by_step"]] == ["adamw", "adamwspam"]
+    assert all(r["status"] == "done" for r in summary["runs"])
+    spam = summary["by_step"][1]
+    assert spam["runs_done"] == 2 and spam["delta_ci95"] is not None and spam["beyond_seed_noise"] is not None
+    lo, hi = spam["delta_ci95"]
+    assert lo <= spam["delta_val_loss_vs_control"] <= hi
+    for seed in (1337, 1338):  # same seed: the same initial weights and data, so the same step-0 loss
+        first = [
+            json.loads((tmp_path / "abl" / arm / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()[0])
+            for arm in ("adamw", "adamwspam")
+        ]
+        assert first[0]["step"] == 0 and first[0]["val_loss"] == first[1]["val_loss"]
+    text = (tmp_path / "abl" / "ablation_summary.md").read_text()
+    assert "| arm |" in text and "95% CI" in text and "control: adamw" in text
+    replay = parse(["--config", str(tmp_path / "abl" / "config.toml")])  # the whole ablation replays
+    assert replay.ablation.ablate == cfg.ablation.ablate and replay.ablation.ablation_seeds == 2

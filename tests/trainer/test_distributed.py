@@ -112,6 +112,7 @@ def test_ddp_equals_single_process_with_same_global_batch(tiny_flags, tmp_path) 
     assert sorted(p.name for p in ddp_out.iterdir()) == [
         "checkpoint_best.pt",
         "checkpoint_last.pt",
+        "config.toml",  # rank 0 alone writes
         "metrics.jsonl",
         "results.json",
     ]
