@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import itertools
 import json
 import math
 import re
@@ -344,7 +345,11 @@ code { background: #f3f3f3; padding: 0 0.2em; }
 
 
 def render_html(
-    runs: list[Run], header: list[str], rows: list[list[str]], plots: list[tuple[str, Path]]
+    runs: list[Run],
+    header: list[str],
+    rows: list[list[str]],
+    plots: list[tuple[str, Path]],
+    answer: str | None = None,
 ) -> str:
     """The self-contained page (PNGs inlined as data URIs, so the file can be sent on its own)."""
     best = [r.final("best_val_loss") for r in runs]
@@ -364,7 +369,7 @@ def render_html(
 <head><meta charset="utf-8"><title>GPT-2 runs: {esc(", ".join(r.name for r in runs))}</title>
 <style>{_CSS}</style></head>
 <body>
-<h1>GPT-2 training report</h1>
+{answer_html(answer) + "<h2>Every run</h2>" if answer else "<h1>GPT-2 training report</h1>"}
 <p>{len(runs)} run(s). Losses are mean cross-entropy (nats/token) on fixed evaluation windows, ± their
 standard error; tokens/s is tokens seen over training wall time (evaluation and checkpoints excluded).
 {"The run with the lowest best validation loss is in bold." if len(runs) > 1 else ""}</p>
@@ -382,14 +387,99 @@ standard error; tokens/s is tokens seen over training wall time (evaluation and 
 """
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
-    """Read the runs under ``paths``; write the PNGs and ``report.html`` to ``out``; returns the page."""
+def interp(xs: Sequence[float], ys: Sequence[float], at: float) -> float | None:
+    """``y`` at ``x = at`` on the polyline through ``(xs, ys)`` (``xs`` ascending); None outside it."""
+    if len(xs) == 1:
+        return ys[0] if xs[0] == at else None
+    for (x0, y0), (x1, y1) in itertools.pairwise(zip(xs, ys)):
+        if x0 <= at <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (at - x0) / (x1 - x0)
+    return None
+
+
+def draw_arm_bands(arms: dict[str, list[Run]], out: Path) -> list[tuple[str, Path]]:
+    """Per arm, the validation loss over seeds (mean line, min-max band) against tokens and training time."""
+    if not any(len(rs) > 0 for rs in arms.values()):
+        return []
+    fig = _figure(2)
+    for ax, x, label in zip(fig.axes, ("tokens", "elapsed_s"), ("tokens", "training time (s)")):
+        for i, (name, rs) in enumerate(arms.items()):
+            curves = [_series(r.evals, x, "val_loss") for r in rs]
+            curves = [c for c in curves if len(c[0]) > 1]
+            if not curves:
+                continue
+            end = min(c[0][-1] for c in curves)  # the span every seed covers
+            grid = [end * k / 50 for k in range(51)]
+            cols = [[interp(xs, ys, g) for xs, ys in curves] for g in grid]
+            keep = [(g, [v for v in c if v is not None]) for g, c in zip(grid, cols)]
+            keep = [(g, c) for g, c in keep if c]
+            gx = [g for g, _ in keep]
+            ax.plot(
+                gx,
+                [sum(c) / len(c) for _, c in keep],
+                color=f"C{i % 10}",
+                label=f"{name} ({len(curves)} seeds)",
+            )
+            ax.fill_between(
+                gx, [min(c) for _, c in keep], [max(c) for _, c in keep], color=f"C{i % 10}", alpha=0.2
+            )
+        ax.set_title("validation loss per arm (mean, min-max over seeds)")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize="small")
+    path = out / "arms_val_loss.png"
+    fig.savefig(path, dpi=100)
+    return [("Validation loss per arm against tokens and training time", path)]
+
+
+def answer_html(markdown: str) -> str:
+    """The ablation summary's Markdown (a heading, one table, paragraphs) as HTML."""
+    esc, out, table = html.escape, [], []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                table.append(cells)
+            continue
+        if table:
+            head, *body = table
+            ths = "".join(f"<th>{esc(c)}</th>" for c in head)
+            trs = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body)
+            out.append(f'<table id="answer"><thead><tr>{ths}</tr></thead><tbody>{trs}</tbody></table>')
+            table = []
+        if line.startswith("# "):
+            out.append(f"<h1>{esc(line[2:])}</h1>")
+        elif line.strip():
+            out.append(f"<p>{esc(line)}</p>")
+    return "\n".join(out)
+
+
+def write_report(
+    paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    answer: str | None = None,
+    arms: dict[str, list[str]] | None = None,
+) -> Path:
+    """Read the runs under ``paths``; write the PNGs and ``report.html`` to ``out``; returns the page.
+
+    ``answer``: an ablation summary (Markdown) that opens the page; ``arms``: arm -> its runs'
+    directories, for the per-arm mean/min-max plots.
+    """
     runs = load_runs(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(runs)
     try:
         plots = draw_plots(runs, out)
+        if arms:
+            by_dir = {r.path.resolve(): r for r in runs}
+            grouped = {
+                a: [by_dir[Path(d).resolve()] for d in ds if Path(d).resolve() in by_dir]
+                for a, ds in arms.items()
+            }
+            plots = draw_arm_bands(grouped, out) + plots
     except ImportError:
         print(
             "warning: matplotlib is not installed; the report has no plots (pip install matplotlib)",
@@ -397,7 +487,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
         )
         plots = []
     page = out / HTML
-    page.write_text(render_html(runs, header, rows, plots))
+    page.write_text(render_html(runs, header, rows, plots, answer=answer))
     print(text_table(header, rows))
     print(f"report: {page} ({len(plots)} plots)")
     return page

@@ -33,7 +33,7 @@ from gpt2.config import SECTIONS, AblationSection, RunConfig, ablation_axes, res
 from gpt2.errors import ConfigError, UserError
 from gpt2.model.steps import get_step, parse_steps
 from gpt2.track.metrics import read_metrics, write_json_atomic
-from gpt2.track.report import write_report
+from gpt2.track.report import interp, write_report
 from gpt2.trainer import checkpoint
 from gpt2.trainer.distributed import from_env
 
@@ -256,8 +256,32 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         n_params=r["n_params"],
         stop_reason=r["stop_reason"],
         final_sparsity=r.get("final_sparsity"),
+        curve=[(m["tokens"], m["elapsed_s"], m["val_loss"]) for m in metrics if "val_loss" in m],
     )
     return row
+
+
+def interpolate(curve: list[tuple[float, float, float]], axis: int, at: float) -> float | None:
+    """The val loss of an eval curve ``[(tokens, train seconds, loss)]`` at ``at`` on ``axis`` (0 or 1),
+    linearly between the evaluations around it; None outside the curve."""
+    pts = sorted((p[axis], p[2]) for p in curve)
+    return interp([x for x, _ in pts], [y for _, y in pts], at)
+
+
+def _equal_budgets(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The common token and training-time budget of the finished runs (the smallest run's), and
+    each run's val loss there: arms compared at equal tokens and at equal training time."""
+    done = [r for r in rows if r["status"] == "done" and r.get("curve")]
+    if not done:
+        return {"tokens": None, "train_time_s": None}
+    budget = {
+        "tokens": min(max(p[0] for p in r["curve"]) for r in done),
+        "train_time_s": min(max(p[1] for p in r["curve"]) for r in done),
+    }
+    for r in done:
+        r["val_loss_at_equal_tokens"] = interpolate(r["curve"], 0, budget["tokens"])
+        r["val_loss_at_equal_time"] = interpolate(r["curve"], 1, budget["train_time_s"])
+    return budget
 
 
 def _t95(df: int) -> float:
@@ -278,6 +302,7 @@ def summarize(
     """Rows per run, aggregates per arm (mean ± std over seeds) and deltas against the control, paired
     by seed (same seed: same data order and, where shapes allow, the same initial weights)."""
     rows = [_run_row(r) for r in runs]
+    equal = _equal_budgets(rows)
     done = {(r["step"], r["seed"]): r for r in rows if r["status"] == "done"}
     base = control if control is not None else (BASELINE if BASELINE in steps else None)
     for r in rows:
@@ -307,6 +332,8 @@ def summarize(
             "train_time_s",
             "wall_time_s",
             "final_sparsity",
+            "val_loss_at_equal_tokens",
+            "val_loss_at_equal_time",
         ):
             agg[key], agg[f"{key}_std"] = _mean_std([r[key] for r in mine if r.get(key) is not None])
         agg["n_params"] = mine[0]["n_params"] if mine else None
@@ -327,6 +354,7 @@ def summarize(
         "seeds": seeds,
         "baseline": base,
         "control": base,
+        "equal_budget": equal,
         "by_step": per_step,
         "runs": rows,
         "model_name": cfg.model.model_name,
@@ -355,6 +383,40 @@ def _ci(a: dict[str, Any]) -> str:
     return "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
+def _equal_text(equal: dict[str, Any]) -> str:
+    if equal.get("tokens") is None:
+        return ""
+    return (
+        f" The equal-budget columns compare every arm at the smallest run's budget, {equal['tokens']:,.0f} "
+        f"tokens and {equal['train_time_s']:.1f} s of training, its val loss interpolated between "
+        "evaluations."
+    )
+
+
+def summary_latex(s: dict[str, Any]) -> str:
+    """The summary as a booktabs table for a paper: arm, val loss, Δ with its 95% interval, ppl."""
+    control = s.get("control") or s.get("baseline")
+    sparsity = any(a.get("final_sparsity") is not None for a in s["by_step"])
+    esc = lambda t: str(t).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+    cols = "lrrrr" + ("r" if sparsity else "")
+    head = ["Arm", "Val loss", f"$\\Delta$ vs {esc(control)}", "95\\% CI", "Val ppl"] + (
+        ["Sparsity"] if sparsity else []
+    )
+    lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(head) + r" \\", "\\midrule"]
+    for a in s["by_step"]:
+        ci = a.get("delta_ci95")
+        cells = [
+            esc(a["step"]),
+            _fmt(a["final_val_loss"], a["final_val_loss_std"]).replace("±", "$\\pm$"),
+            "--" if a["step"] == control else _fmt(a["delta_val_loss_vs_control"]),
+            "--" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]",
+            _fmt(a["final_val_ppl"], digits=2),
+        ] + ([_fmt(a.get("final_sparsity"), digits=3)] if sparsity else [])
+        lines.append(" & ".join(cells) + r" \\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines)
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
     """The answer first: one row per arm, against the control, then what the columns mean."""
     b, control = s["budget"], s.get("control") or s.get("baseline")
@@ -364,9 +426,12 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"# Ablation summary ({s['model_name']}, dataset {s['dataset']})",
         "",
         f"| arm | final val loss | best val loss | val ppl | Δ vs {control} | 95% CI of Δ | beyond noise | "
+        "val loss @ equal tokens | @ equal train time | "
         + ("sparsity | " if sparsity else "")
         + f"ms/step | vs {control} | tokens/s | tokens seen | train s | peak MiB | params | runs |",
-        "|---|---|---|---|---|---|---|" + ("---|" if sparsity else "") + "---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if sparsity else "")
+        + "---|---|---|---|---|---|---|---|",
     ]
     for a in s["by_step"]:
         lines.append(
@@ -374,6 +439,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
             f"{_fmt(a['best_val_loss'], a['best_val_loss_std'])} | {_fmt(a['final_val_ppl'], digits=2)} | "
             f"{_fmt(a['delta_val_loss_vs_control'], a['delta_val_loss_vs_control_std'])} | {_ci(a)} | "
             f"{_fmt(a['beyond_seed_noise'])} | "
+            f"{_fmt(a.get('val_loss_at_equal_tokens'))} | {_fmt(a.get('val_loss_at_equal_time'))} | "
             + (f"{_fmt(a.get('final_sparsity'), digits=4)} | " if sparsity else "")
             + f"{_fmt(a['ms_per_step'], digits=1)} | {_fmt(a['ms_per_step_vs_control'], digits=3)} | "
             f"{_fmt(a['tokens_per_s'], digits=0)} | {_fmt(a['tokens_seen'], digits=0)} | "
@@ -393,6 +459,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
             if several
             else "; with one seed there is no noise estimate (use --ablation-seeds)."
         )
+        + _equal_text(s.get("equal_budget") or {})
         + " ms/step is the median over log windows (evaluation excluded); tokens/s follows from it. "
         "Peak memory: CUDA peak per run; on CPU the process's peak RSS so far.",
         "",
@@ -423,6 +490,8 @@ CSV_FIELDS = (
     "ms_per_step",
     "ms_per_step_vs_control",
     "final_sparsity",
+    "val_loss_at_equal_tokens",
+    "val_loss_at_equal_time",
     "tokens_per_s",
     "peak_memory_mib",
     "n_params",
@@ -437,6 +506,7 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """ablation_summary.json/.md/.csv in ``out``; plots and report.html in ``out/report``."""
     write_json_atomic(out / f"{SUMMARY}.json", summary)
     (out / f"{SUMMARY}.md").write_text(summary_markdown(summary) + "\n")
+    (out / f"{SUMMARY}.tex").write_text(summary_latex(summary) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
@@ -444,4 +514,8 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     (out / f"{SUMMARY}.csv").write_text(buf.getvalue())
     done = [r["dir"] for r in summary["runs"] if r["status"] == "done"]
     if done:  # loss against tokens and against wall time for every run, plus an HTML comparison
-        write_report(done, out / REPORT_DIR)
+        arms: dict[str, list[str]] = {a["step"]: [] for a in summary["by_step"]}
+        for r in summary["runs"]:
+            if r["status"] == "done":
+                arms[r["step"]].append(r["dir"])
+        write_report(done, out / REPORT_DIR, answer=summary_markdown(summary), arms=arms)

@@ -371,3 +371,36 @@ def test_ablate_optimizer_runs_every_arm_from_the_same_start(tiny_flags, tmp_pat
     assert "| arm |" in text and "95% CI" in text and "control: adamw" in text
     replay = parse(["--config", str(tmp_path / "abl" / "config.toml")])  # the whole ablation replays
     assert replay.ablation.ablate == cfg.ablation.ablate and replay.ablation.ablation_seeds == 2
+
+
+def test_interpolation_at_a_common_budget_is_linear_between_evaluations() -> None:
+    from gpt2.trainer.ablation import interpolate
+
+    curve = [(0, 0.0, 10.0), (100, 2.0, 6.0), (200, 4.0, 5.0)]
+    assert interpolate(curve, 0, 150) == pytest.approx(5.5)
+    assert interpolate(curve, 1, 1.0) == pytest.approx(8.0)
+    assert interpolate(curve, 0, 200) == 5.0 and interpolate(curve, 0, 250) is None
+
+
+def test_the_report_opens_with_the_answer_and_every_image_decodes(tiny_flags, tmp_path) -> None:
+    import base64
+    import io
+    import re
+
+    from matplotlib.image import imread
+
+    flags = tiny_flags | dict(max_iters=4, eval_interval=2, output_dir=str(tmp_path / "abl"))
+    summary = run_ablation(parse([*as_argv(flags), "--ablate", "learning-rate=1e-3,3e-3"]))
+    for arm in summary["by_step"]:  # both ran 4 steps: the equal-token comparison is at the end
+        assert arm["val_loss_at_equal_tokens"] == pytest.approx(arm["final_val_loss"])
+    page = (tmp_path / "abl" / "report" / "report.html").read_text()
+    body = page[page.index("<body>") :]
+    assert body.index('<table id="answer">') < body.index('<table id="runs">')
+    assert "Δ vs 0.001" in body
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 3
+    for data in images:
+        pixels = imread(io.BytesIO(base64.b64decode(data)), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    tex = (tmp_path / "abl" / "ablation_summary.tex").read_text()
+    assert tex.startswith("\\begin{tabular}") and "0.001 &" in tex and "\\bottomrule" in tex
