@@ -298,7 +298,7 @@ def _plot(
             if xs:
                 ax.plot(xs, ys, color=color, label=run.name, marker="o" if src == "evals" else None, ms=3)
         ax.set_title(title)
-        ax.set_xlabel({"tokens": "tokens", "elapsed_s": "wall time (s)", "step": "step"}.get(x, x))
+        ax.set_xlabel({"tokens": "tokens", "elapsed_s": "training time (s)", "step": "step"}.get(x, x))
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize="small")
@@ -313,7 +313,7 @@ def draw_plots(runs: list[Run], out: Path) -> list[tuple[str, Path]]:
         ("Loss against tokens", "loss_vs_tokens.png",
          [("train", "tokens", "train_loss", "train loss (training batches)"),
           ("evals", "tokens", "val_loss", "validation loss")]),
-        ("Loss against wall time", "loss_vs_time.png",
+        ("Loss against training time", "loss_vs_time.png",
          [("train", "elapsed_s", "train_loss", "train loss (training batches)"),
           ("evals", "elapsed_s", "val_loss", "validation loss")]),
         ("Learning rate", "lr.png", [("train", "step", "lr", "learning rate")]),

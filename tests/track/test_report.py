@@ -171,3 +171,23 @@ def test_a_directory_without_metrics_is_one_line_and_exit_2(tmp_path: Path, caps
     assert main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "nothing to report" in err[0] and "no such directory" in err[1]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_page_renders_in_headless_chromium(report: Path, tmp_path: Path):
+    """What a user sees: the self-contained page renders, images and all, with no network."""
+    from matplotlib.image import imread
+
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+         "--window-size=1200,1600", (report / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    img = imread(shot)
+    assert img.shape[:2] == (1600, 1200)
+    # the plots are drawn: well beyond the page's white and the table's greys
+    assert img[..., :3].std() > 0.05

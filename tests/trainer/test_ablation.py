@@ -404,3 +404,17 @@ def test_the_report_opens_with_the_answer_and_every_image_decodes(tiny_flags, tm
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
     tex = (tmp_path / "abl" / "ablation_summary.tex").read_text()
     assert tex.startswith("\\begin{tabular}") and "0.001 &" in tex and "\\bottomrule" in tex
+
+
+def test_under_compile_every_arm_compiles_afresh(tmp_path, monkeypatch) -> None:
+    """torch.compile's caches are reset before each arm: no arm inherits another's graphs or hits the
+    recompile limit (after which dynamo silently runs eager)."""
+    import torch
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    cfg = ablation_config(tmp_path, "V0,V1,V3", compile=True)
+    received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V0", "V1", "V3")})
+    run_ablation(cfg)
+    assert len(received) == 3 and all(c.model.compile for c in received)
+    assert len(resets) == 3  # once before each arm
