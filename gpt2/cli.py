@@ -73,7 +73,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                 continue
             if meta.get("repeat"):  # several axes: joined with ';' into the one field
                 group.add_argument(
-                    *names, dest=f.name, action="append", metavar=meta.get("metavar"), help=help_text
+                    *names, dest=f.name, action="append", metavar=meta.get("metavar"), help=meta["help"]
                 )
                 continue
             group.add_argument(
