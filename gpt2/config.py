@@ -495,8 +495,9 @@ def section_of(name: str) -> str:
     raise KeyError(name)
 
 
-def resolve(values: dict[str, Any], explicit: set[str] | None = None) -> RunConfig:
-    """Build a validated :class:`RunConfig` from flat ``field -> value`` pairs.
+def resolve(values: dict[str, Any], explicit: set[str] | None = None, *, check: bool = True) -> RunConfig:
+    """Build a validated :class:`RunConfig` from flat ``field -> value`` pairs (``check=False``: not
+    validated, for reading what a file's settings resolve to).
 
     ``values`` may omit fields (their defaults apply). Preset-dependent ``None`` fields are
     filled from the preset, then from ``FALLBACKS``. Raises :class:`ConfigError` on bad input.
@@ -525,7 +526,8 @@ def resolve(values: dict[str, Any], explicit: set[str] | None = None) -> RunConf
         cfg.model.ra_step = DEFAULT_RA_STEP
     if cfg.ablation.ablation_mode and cfg.ablation.ablation_steps is None:
         cfg.ablation.ablation_steps = "V0,V1,V3"
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

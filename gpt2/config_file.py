@@ -76,17 +76,15 @@ def resolve_with_file(path: str | Path, overrides: dict[str, Any]) -> RunConfig:
     value that differs from what they resolve to; a hand-written file's keys are all inputs.
     """
     values, given = read(path)
-    inputs = {k: v for k, v in values.items() if given is None or k in given} | overrides
+    inputs = {k: v for k, v in values.items() if given is None or k in given}
     try:
-        cfg = resolve(inputs, explicit=set(inputs))
-        flat = flatten(cfg)
-        edited = {k: v for k, v in values.items() if k not in inputs and flat.get(k) != v}
-        if edited:
-            inputs |= edited
-            cfg = resolve(inputs, explicit=set(inputs))
+        # what the file's own inputs resolve to; a value that differs was edited: it is an input too
+        written = flatten(resolve(inputs, explicit=set(inputs), check=False))
+        inputs |= {k: v for k, v in values.items() if k not in inputs and written.get(k) != v}
+        inputs |= overrides  # last, so that what depends on a flag is derived from it again
+        return resolve(inputs, explicit=set(inputs))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return cfg
 
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:

@@ -99,3 +99,14 @@ def test_replaying_a_runs_config_gives_bitwise_the_same_weights(tiny_flags, tmp_
     a = torch.load(tmp_path / "out" / "checkpoint_last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "replay" / "checkpoint_last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_flag_after_a_written_config_rederives_what_depends_on_it(tmp_path) -> None:
+    base = ["--model-name", "gpt2", "--output-dir", str(tmp_path / "a")]
+    cfg = parse([*base, "--pruning-method", "magnitude", "--max-iters", "1000", "--pruning-warmup", "100"])
+    path = config_file.write(cfg, tmp_path / CONFIG_TOML)
+    assert resolve_with_file(path, {"weight_decay": 0.05}).optim.adamwprune_weight_decay == 0.05
+    assert resolve_with_file(path, {"max_iters": 2000}).pruning.pruning_ramp_end == 1600  # 0.8 x max-iters
+    longer = resolve_with_file(path, {"max_iters": 2000})
+    fresh = parse([*base, "--pruning-method", "magnitude", "--max-iters", "2000", "--pruning-warmup", "100"])
+    assert flatten(longer) == flatten(fresh)

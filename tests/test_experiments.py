@@ -56,7 +56,7 @@ def test_experiment_runs_at_cpu_scale(name, corpus_dir, data_dir, tmp_path) -> N
         argv += ["--pruning-warmup", "2", "--pruning-frequency", "2"]
     cfg = parse(argv)
     assert run(cfg) == 0
-    if cfg.ablation.ablation_mode:
+    if cfg.ablation.ablation_mode or cfg.ablation.ablate:
         summary = json.loads((tmp_path / "out" / "ablation_summary.json").read_text())
         assert all(r["status"] == "done" for r in summary["runs"]) and len(summary["runs"]) == 5
         return
