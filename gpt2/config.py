@@ -479,6 +479,9 @@ def ablation_axes(text: str) -> list[tuple[str, list[Any]]]:
         _check(
             kinds[name][0] not in NOT_ABLATABLE, f"--ablate: {key.strip()} is not a setting an arm can vary"
         )
+        _check(
+            name != "seed", "--ablate: seeds are not arms; use --ablation-seeds N (every arm runs each seed)"
+        )
         parsed = [parse_value(name, v.strip()) for v in values.split(",") if v.strip()]
         _check(len(set(parsed)) == len(parsed), f"--ablate {name}: a value is listed twice")
         _check(all(name != n for n, _ in axes), f"--ablate {name}: given twice")
@@ -503,6 +506,12 @@ def resolve(values: dict[str, Any], explicit: set[str] | None = None, *, check: 
     filled from the preset, then from ``FALLBACKS``. Raises :class:`ConfigError` on bad input.
     """
     explicit = set(explicit if explicit is not None else values)
+    if values.get("ablate"):  # an ablation's own settings are those of its control arm (not inputs)
+        values = dict(values)
+        for name, choices in ablation_axes(values["ablate"]):
+            values.setdefault(name, choices[0])
+            if name == "ra_step":
+                values.setdefault("architecture", "unified-ra")
     sections: dict[str, Any] = {}
     for sec, cls in SECTIONS.items():
         names = {f.name for f in fields(cls)}

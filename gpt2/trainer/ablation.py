@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import math
+import re
 import statistics
 import sys
 import traceback
@@ -52,7 +53,9 @@ class Arm:
 
 
 def _label(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A value as part of a folder name: short, and no path separators."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+=-]+", "-", text).strip("-.") or "arm"
 
 
 def arms_of(cfg: RunConfig) -> tuple[list[Arm], str]:
@@ -64,9 +67,12 @@ def arms_of(cfg: RunConfig) -> tuple[list[Arm], str]:
             values = dict(combo)
             name = "_".join(f"{k}={_label(v)}" for k, v in combo) if len(axes) > 1 else _label(combo[0][1])
             if "ra_step" in values:
-                values["architecture"] = "unified-ra"
+                values.setdefault("architecture", "unified-ra")  # unless architecture is an axis too
             desc = get_step(values["ra_step"]).description if len(axes) == 1 and "ra_step" in values else ""
             arms.append(Arm(name, values, desc or ", ".join(f"{k} = {_label(v)}" for k, v in combo)))
+        names = [a.name for a in arms]
+        if len(set(names)) < len(names):
+            raise UserError(f"--ablate: two arms would share a folder name ({', '.join(names)})")
         return arms, arms[0].name
     steps = parse_steps(cfg.ablation.ablation_steps or "")
     arms = [Arm(s, {"architecture": "unified-ra", "ra_step": s}, get_step(s).description) for s in steps]

@@ -330,6 +330,7 @@ def test_ablate_axes_parse_and_form_a_grid(tmp_path) -> None:
         (["--ablate", "optimizer"], "write KEY=V1,V2"),
         (["--ablate", "output-dir=a,b"], "not a setting an arm can vary"),
         (["--ablate", "optimizer=adamw,adamw"], "listed twice"),
+        (["--ablate", "seed=1,2"], "use --ablation-seeds"),
         (["--ablate", "optimizer=adamw,sgd", "--optimizer", "sgd"], "--optimizer is ablated"),
         (["--ablate", "optimizer=adamw", "--ablation-mode", "--architecture", "unified-ra"], "not both"),
     ],
@@ -418,3 +419,21 @@ def test_under_compile_every_arm_compiles_afresh(tmp_path, monkeypatch) -> None:
     run_ablation(cfg)
     assert len(received) == 3 and all(c.model.compile for c in received)
     assert len(resets) == 3  # once before each arm
+
+
+def test_the_ablation_is_validated_as_its_control_arm_and_arm_folders_are_safe(tmp_path) -> None:
+    from gpt2.trainer.ablation import arms_of
+
+    # flags that only some method uses are fine when the ablated method uses them
+    ablate = ["--ablate", "pruning_method=magnitude,movement"]
+    flags = ["--max-iters", "1000", "--pruning-ramp-end", "800", "--pruning-warmup", "100"]
+    cfg = parse(["--model-name", "tiny", "--output-dir", str(tmp_path), *flags, *ablate])
+    assert cfg.pruning.pruning_method == "magnitude" and "pruning_method" not in cfg.explicit
+    gates = parse(["--model-name", "tiny", "--output-dir", str(tmp_path), "--ablate", "ra_step=V1,V3",
+                   "--ra-gates", "per-layer"])  # fmt: skip
+    assert [a.values["architecture"] for a in arms_of(gates)[0]] == ["unified-ra", "unified-ra"]
+    paths = parse(
+        ["--model-name", "tiny", "--output-dir", str(tmp_path), "--ablate", f"dataset={tmp_path},shakespeare"]
+    )
+    names = [a.name for a in arms_of(paths)[0]]
+    assert "/" not in names[0] and names[1] == "shakespeare"
