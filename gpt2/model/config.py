@@ -34,6 +34,10 @@ class GPTConfig:
     rmlp_mixer: bool = False  # R_ff x R_ff linear map on the low path
     rmlp_gates: bool = False  # extra learned scalar gate_alpha on the low path
 
+    def __post_init__(self) -> None:
+        if self.attention != "unified_ra":  # the gate layout means nothing without RA gates
+            self.ra_per_head_gates = True
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head

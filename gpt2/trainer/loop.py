@@ -189,10 +189,14 @@ class Trainer:
         """
         t0 = time.perf_counter()
         self.state.wall_time = self._wall_base + t0 - self._fit_start
-        state = checkpoint.collect(self.checkpoint_parts())
-        self.state.checkpoint_time += time.perf_counter() - t0  # (the write below is counted next time)
-        if not self.dist.is_main:
-            return
+        state = checkpoint.collect(self.checkpoint_parts())  # (holds the time of earlier saves only)
+        try:
+            if self.dist.is_main:
+                self._write(state, last, best)
+        finally:
+            self.state.checkpoint_time += time.perf_counter() - t0
+
+    def _write(self, state: dict[str, Any], last: bool, best: bool) -> None:
         if best:
             checkpoint.save_atomic(self.out_dir / checkpoint.BEST, state)
         if not last:
@@ -283,7 +287,7 @@ class Trainer:
         with catch_stop_signals() as stop, self.console.progress(self.max_iters, st.step):
             try:
                 if st.step == 0 and not resumed:
-                    with self.clock.paused():
+                    with window.paused(), self.clock.paused():
                         self.last_eval = self._evaluate_and_log(metrics, trackers)
                 while st.step < self.max_iters:
                     st.train_time = self.clock()
@@ -295,7 +299,7 @@ class Trainer:
                                 ext.on_time_budget_spent(st.step, self.model, self.optimizer)
                         break
                     lr = self.lr()
-                    out = self._step(lr)
+                    out = self._step(lr, window)
                     st.step += 1
                     window.add(out.loss, out.applied)
                     self._tell_budget()
@@ -341,12 +345,13 @@ class Trainer:
         for ext in self.extensions:
             ext.on_time_budget(fraction)
 
-    def _step(self, lr: float) -> Any:
-        """One optimizer step; the process's first under --compile compiles: compile, not training time."""
+    def _step(self, lr: float, window: LogWindow) -> Any:
+        """One optimizer step; the process's first under --compile compiles: compile time, counted in
+        neither the training time nor the throughput."""
         st = self.state
         if not self.cfg.model.compile or self._compiled:
             return self.step_fn(self.data.train_batch, lr)
-        with self.clock.paused() as spent:
+        with window.paused(), self.clock.paused() as spent:
             out = self.step_fn(self.data.train_batch, lr)
         self._compiled = True
         st.compile_time += spent[0]

@@ -96,7 +96,8 @@ class PruningExtension(Extension):
             include_embeddings=p.prune_embeddings,
             sample_fraction=p.pruning_threshold_sample,
             verbose=verbose,
-            horizon=cfg.train.max_iters if cfg.train.max_time > 0 else None,
+            # (--num-epochs fixes the step count only once the data is read: the ramp then counts steps)
+            horizon=cfg.train.max_iters if cfg.train.max_time > 0 and cfg.train.num_epochs is None else None,
         )
 
     @property
