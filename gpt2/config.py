@@ -8,6 +8,7 @@ then from ``FALLBACKS``; :func:`resolve` does that and records which values the 
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -439,6 +440,7 @@ class RunConfig:
         return self.data.batch_size * self.data.gradient_accumulation * self.model.block_size
 
 
+@functools.cache
 def field_kinds() -> dict[str, tuple[str, type]]:
     """field name -> (its section, its base type: bool, int, float or str)."""
     out: dict[str, tuple[str, type]] = {}
@@ -448,6 +450,16 @@ def field_kinds() -> dict[str, tuple[str, type]]:
             args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
             out[f.name] = (sec, args[0] if args else hints[f.name])
     return out
+
+
+def with_implied(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` plus what they imply and do not set: a V-step is trained by --architecture unified-ra."""
+    return {"architecture": "unified-ra", **values} if "ra_step" in values else values
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """``field -> value`` over every section."""
+    return {f.name: getattr(getattr(cfg, sec), f.name) for sec in SECTIONS for f in fields(SECTIONS[sec])}
 
 
 NOT_ABLATABLE = ("ablation", "output")  # sections an arm cannot vary (its folder, resume, ...)
@@ -510,8 +522,7 @@ def resolve(values: dict[str, Any], explicit: set[str] | None = None, *, check: 
         values = dict(values)
         for name, choices in ablation_axes(values["ablate"]):
             values.setdefault(name, choices[0])
-            if name == "ra_step":
-                values.setdefault("architecture", "unified-ra")
+        values = with_implied(values)
     sections: dict[str, Any] = {}
     for sec, cls in SECTIONS.items():
         names = {f.name for f in fields(cls)}

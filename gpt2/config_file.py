@@ -11,12 +11,12 @@ builds the same configuration, and a flag given after it re-derives what depends
 from __future__ import annotations
 
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import SECTIONS, RunConfig, field_kinds, resolve
+from gpt2.config import SECTIONS, RunConfig, field_kinds, flatten, resolve
 from gpt2.errors import ConfigError
+from gpt2.track.metrics import write_text_atomic
 
 CONFIG_TOML = "config.toml"  # what every run writes into its output directory
 RUN_META = "run"  # the section that records which settings were inputs
@@ -87,11 +87,6 @@ def resolve_with_file(path: str | Path, overrides: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def flatten(cfg: RunConfig) -> dict[str, Any]:
-    """``field -> value`` over every section."""
-    return {f.name: getattr(getattr(cfg, sec), f.name) for sec in SECTIONS for f in fields(SECTIONS[sec])}
-
-
 def to_toml(cfg: RunConfig) -> str:
     """The resolved settings as TOML (unset values left out), with ``[run] given``."""
     import tomli_w
@@ -99,24 +94,15 @@ def to_toml(cfg: RunConfig) -> str:
     doc: dict[str, Any] = {
         RUN_META: {"given": sorted(n for n in cfg.explicit if n not in NOT_WRITTEN)},
     }
-    for sec, cls in SECTIONS.items():
-        table = {}
-        for f in fields(cls):
-            value = getattr(getattr(cfg, sec), f.name)
-            if value is not None and f.name not in NOT_WRITTEN:
-                table[f.name.replace("_", "-")] = value
-        doc[sec] = table
+    kinds = field_kinds()
+    for name, value in flatten(cfg).items():
+        table = doc.setdefault(kinds[name][0], {})  # sections in their --help order
+        if value is not None and name not in NOT_WRITTEN:
+            table[name.replace("_", "-")] = value
     header = "# The resolved settings of this run; replay with: python gpt2/train.py --config <this file>\n"
     return header + tomli_w.dumps(doc)
 
 
 def write(cfg: RunConfig, path: str | Path) -> Path:
     """Write :func:`to_toml` to ``path`` atomically."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(to_toml(cfg))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(path), to_toml(cfg))

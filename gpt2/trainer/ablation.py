@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2 import config_file
-from gpt2.config import SECTIONS, AblationSection, RunConfig, ablation_axes, resolve
+from gpt2.config import AblationSection, RunConfig, ablation_axes, flatten, resolve, with_implied
 from gpt2.errors import ConfigError, UserError
 from gpt2.model.steps import get_step, parse_steps
 from gpt2.track.metrics import read_metrics, write_json_atomic
@@ -64,10 +64,8 @@ def arms_of(cfg: RunConfig) -> tuple[list[Arm], str]:
         axes = ablation_axes(cfg.ablation.ablate)
         arms = []
         for combo in itertools.product(*[[(k, v) for v in values] for k, values in axes]):
-            values = dict(combo)
+            values = with_implied(dict(combo))  # (an architecture axis wins)
             name = "_".join(f"{k}={_label(v)}" for k, v in combo) if len(axes) > 1 else _label(combo[0][1])
-            if "ra_step" in values:
-                values.setdefault("architecture", "unified-ra")  # unless architecture is an axis too
             desc = get_step(values["ra_step"]).description if len(axes) == 1 and "ra_step" in values else ""
             arms.append(Arm(name, values, desc or ", ".join(f"{k} = {_label(v)}" for k, v in combo)))
         names = [a.name for a in arms]
@@ -75,7 +73,7 @@ def arms_of(cfg: RunConfig) -> tuple[list[Arm], str]:
             raise UserError(f"--ablate: two arms would share a folder name ({', '.join(names)})")
         return arms, arms[0].name
     steps = parse_steps(cfg.ablation.ablation_steps or "")
-    arms = [Arm(s, {"architecture": "unified-ra", "ra_step": s}, get_step(s).description) for s in steps]
+    arms = [Arm(s, with_implied({"ra_step": s}), get_step(s).description) for s in steps]
     return arms, (BASELINE if BASELINE in steps else steps[0])
 
 
@@ -86,7 +84,7 @@ def step_dir(out: Path, step: str, seed: int, several_seeds: bool) -> Path:
 def arm_config(cfg: RunConfig, arm: Arm, seed: int, output_dir: Path) -> RunConfig:
     """A fresh configuration for one run of ``arm``: the ablation's inputs plus the arm's values,
     resolved again (derived settings follow the arm); ``cfg`` itself is never changed."""
-    flat = {f.name: getattr(getattr(cfg, sec), f.name) for sec in SECTIONS for f in fields(SECTIONS[sec])}
+    flat = flatten(cfg)
     ablation = {f.name for f in fields(AblationSection)} | {"json_output"}
     inputs = {k: flat[k] for k in cfg.explicit if k in flat and k not in ablation}
     inputs |= arm.values | {"seed": seed, "output_dir": str(output_dir)}
@@ -100,12 +98,6 @@ def arm_config(cfg: RunConfig, arm: Arm, seed: int, output_dir: Path) -> RunConf
         return resolve(inputs, explicit=set(inputs))
     except ConfigError as e:
         raise UserError(f"ablation arm {arm.name}: {e}") from None
-
-
-def step_config(cfg: RunConfig, step: str, seed: int, output_dir: Path) -> RunConfig:
-    """:func:`arm_config` of V-step ``step``."""
-    arm = Arm(step, {"architecture": "unified-ra", "ra_step": step}, get_step(step).description)
-    return arm_config(cfg, arm, seed, output_dir)
 
 
 def _stopped_by_signal(results: dict[str, Any]) -> bool:
@@ -303,14 +295,14 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarize(
-    cfg: RunConfig, steps: list[str], seeds: list[int], runs: list[dict[str, Any]], control: str | None = None
+    cfg: RunConfig, steps: list[str], seeds: list[int], runs: list[dict[str, Any]], control: str
 ) -> dict[str, Any]:
     """Rows per run, aggregates per arm (mean ± std over seeds) and deltas against the control, paired
     by seed (same seed: same data order and, where shapes allow, the same initial weights)."""
     rows = [_run_row(r) for r in runs]
     equal = _equal_budgets(rows)
     done = {(r["step"], r["seed"]): r for r in rows if r["status"] == "done"}
-    base = control if control is not None else (BASELINE if BASELINE in steps else None)
+    base = control
     for r in rows:
         b = done.get((base, r["seed"]))
         if r["status"] == "done" and b is not None:
@@ -358,7 +350,6 @@ def summarize(
     return {
         "steps": steps,
         "seeds": seeds,
-        "baseline": base,
         "control": base,
         "equal_budget": equal,
         "by_step": per_step,
@@ -401,7 +392,7 @@ def _equal_text(equal: dict[str, Any]) -> str:
 
 def summary_latex(s: dict[str, Any]) -> str:
     """The summary as a booktabs table for a paper: arm, val loss, Δ with its 95% interval, ppl."""
-    control = s.get("control") or s.get("baseline")
+    control = s["control"]
     sparsity = any(a.get("final_sparsity") is not None for a in s["by_step"])
     esc = lambda t: str(t).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
     cols = "lrrrr" + ("r" if sparsity else "")
@@ -425,7 +416,7 @@ def summary_latex(s: dict[str, Any]) -> str:
 
 def summary_markdown(s: dict[str, Any]) -> str:
     """The answer first: one row per arm, against the control, then what the columns mean."""
-    b, control = s["budget"], s.get("control") or s.get("baseline")
+    b, control = s["budget"], s["control"]
     several = len(s["seeds"]) > 1
     sparsity = any(a.get("final_sparsity") is not None for a in s["by_step"])
     lines = [
