@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gpt2 import faults
 from gpt2.errors import UserError
 
 FORMAT_VERSION = 2  # 2: pruning masks in the pruning extension's state, never the optimizer's
@@ -39,6 +40,7 @@ def save_atomic(path: Path, state: dict[str, Any]) -> None:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("checkpoint_write")
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

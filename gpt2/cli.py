@@ -112,14 +112,21 @@ def parse(argv: list[str] | None = None, prog: str = "train.py") -> RunConfig:
 
 
 def main_guard(fn: Any, *args: Any) -> int:
-    """Run ``fn``; turn a :class:`~gpt2.errors.UserError` into one line on stderr and its exit code."""
+    """Run ``fn`` with SIGTERM/SIGINT handled (see :mod:`gpt2.trainer.signals`); a
+    :class:`~gpt2.errors.UserError` becomes one line on stderr and its exit code, a stop signal
+    that ended the command before training (or after it) one line and exit status 0."""
     from gpt2.errors import UserError
+    from gpt2.trainer import signals
 
-    try:
-        return fn(*args) or 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with signals.installed():
+        try:
+            return fn(*args) or 0
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        except signals.Stopped as e:
+            print(f"stopped by {e.name} {e.where}", file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130

@@ -346,6 +346,14 @@ class DistSection:
         choices=("ddp", "fsdp"),
     )
     ddp_find_unused_params: bool = opt(False, "DDP find_unused_parameters (off: every parameter is used)")
+    dist_timeout: float = opt(
+        600.0,
+        "seconds a collective may wait for the other ranks before it fails (gloo and NCCL): the bound "
+        "on a hang when a rank dies outside torchrun's watch; keep it above the longest gap between "
+        "collectives (a first compile, data preparation on rank 0)",
+        rule=POSITIVE,
+        metavar="S",
+    )
 
 
 SECTIONS: dict[str, type] = {

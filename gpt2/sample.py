@@ -25,6 +25,7 @@ def generate_text(
     seed: int = 0,
 ) -> str:
     """Continue ``prompt`` (or a fresh document after <|endoftext|> when empty); returns the new text."""
+    from gpt2 import faults
     from gpt2.data.tokenizer import EOT_TOKEN, get_encoding
 
     enc = get_encoding()
@@ -34,8 +35,11 @@ def generate_text(
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-    model.train(was_training)
+    faults.point("sample")
+    try:
+        out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    finally:
+        model.train(was_training)
     return enc.decode([t for t in out[0].tolist()[len(ids) :] if t < enc.n_vocab])
 
 

@@ -31,24 +31,27 @@ def run(cfg: RunConfig) -> int:
         return 0
     from gpt2.trainer import distributed
 
+    failed = True
     try:
         if cfg.ablation.ablation_mode or cfg.ablation.ablate:
             from gpt2.trainer.ablation import run_ablation
 
             run_ablation(cfg)
+            stopped = False
         else:
             from gpt2.trainer.run import train_once
 
-            train_once(cfg)
+            stopped = str(train_once(cfg).get("stop_reason", "")).startswith("signal")
+        failed = False
     finally:
-        distributed.shutdown()
-    if not cfg.train.dry_run and distributed.from_env().is_main:
+        distributed.shutdown(failed)
+    if not cfg.train.dry_run and not stopped and distributed.from_env().is_main:
         print("Training complete!")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return main_guard(run, parse(argv, prog="train.py"))
+    return main_guard(lambda: run(parse(argv, prog="train.py")))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from gpt2 import faults
 from gpt2.data.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_encoding
 from gpt2.errors import ConfigError, UserError
 
@@ -467,6 +468,7 @@ def _write_dataset(
         bar = tqdm(total=limit, unit="tok", unit_scale=True, desc=spec.name, disable=not progress)
         with contextlib.closing(chunks), bar, open(tmp["train"], "wb") as f:
             for chunk in chunks:
+                faults.point("data")
                 if limit is not None and total + len(chunk) > limit:
                     chunk = chunk[: limit - total]
                 f.write(chunk.tobytes())

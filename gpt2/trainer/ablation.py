@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gpt2 import config_file
+from gpt2 import config_file, faults
 from gpt2.config import AblationSection, RunConfig, ablation_axes, flatten, resolve, with_implied
 from gpt2.errors import ConfigError, UserError
 from gpt2.model.steps import get_step, parse_steps
@@ -37,6 +37,7 @@ from gpt2.track.metrics import read_metrics, write_json_atomic
 from gpt2.track.report import interp, write_report
 from gpt2.trainer import checkpoint
 from gpt2.trainer.distributed import from_env
+from gpt2.trainer.signals import STOP, Stopped
 
 BASELINE = "V0"
 SUMMARY = "ablation_summary"
@@ -142,8 +143,9 @@ def _run_one(cfg: RunConfig, arm: Arm, seed: int, c: RunConfig) -> dict[str, Any
         return {**record, "status": "done"}
     _release_memory(c.model.compile)
     try:
+        faults.point("arm")
         results = train_once(c)
-    except KeyboardInterrupt:
+    except (Stopped, KeyboardInterrupt):
         return {**record, "status": "interrupted"}
     except Exception as e:  # crash isolation: record it, keep the other steps
         if isinstance(e, UserError):
@@ -167,8 +169,8 @@ def _run_one(cfg: RunConfig, arm: Arm, seed: int, c: RunConfig) -> dict[str, Any
 def run_ablation(cfg: RunConfig) -> dict[str, Any]:
     """Run every step of ``--ablation-steps`` for each seed; returns the summary (also written to disk).
 
-    After the summary is written: ``KeyboardInterrupt`` if a step was interrupted (rerun to
-    continue), :class:`UserError` if a step failed (the others completed and are summarised).
+    After the summary is written: :class:`~.signals.Stopped` if a stop signal interrupted a run
+    (rerun to continue), :class:`UserError` if a step failed (the others completed and are summarised).
     """
     arms, control = arms_of(cfg)
     seeds = [cfg.train.seed + k for k in range(cfg.ablation.ablation_seeds)]
@@ -180,15 +182,17 @@ def run_ablation(cfg: RunConfig) -> dict[str, Any]:
     ]  # every arm's settings are checked before the first one trains
     if from_env().is_main and not cfg.train.dry_run:
         config_file.write(cfg, out / config_file.CONFIG_TOML)  # the whole ablation, replayable
-    for i, (arm, seed, c) in enumerate(todo, 1):
-        where = c.output.output_dir
-        print(
-            f"=== ablation {i}/{len(todo)}: {arm.name} (seed {seed}) - {arm.description} -> {where}",
-            flush=True,
-        )
-        runs.append(_run_one(cfg, arm, seed, c))
-        if runs[-1]["status"] == "interrupted":
-            break
+    between = f"between ablation runs; rerun the same command to continue (finished runs are in {out})"
+    with STOP.cancellable(between):
+        for i, (arm, seed, c) in enumerate(todo, 1):
+            where = c.output.output_dir
+            print(
+                f"=== ablation {i}/{len(todo)}: {arm.name} (seed {seed}) - {arm.description} -> {where}",
+                flush=True,
+            )
+            runs.append(_run_one(cfg, arm, seed, c))
+            if runs[-1]["status"] == "interrupted":
+                break
     failed = [r for r in runs if r["status"] == "failed"]
     failures = "; ".join(f"{r['step']} (seed {r['seed']}): {r['error']}" for r in failed)
     if cfg.train.dry_run:
@@ -202,11 +206,11 @@ def run_ablation(cfg: RunConfig) -> dict[str, Any]:
     write_summary(out, summary)
     print(summary_markdown(summary))
     if runs[-1]["status"] == "interrupted":
-        print(
-            f"ablation interrupted; rerun the same command to continue (finished steps are kept in {out})",
-            file=sys.stderr,
+        raise Stopped(
+            STOP.name,
+            f"in run {runs[-1]['step']} (seed {runs[-1]['seed']}); rerun the same command to continue "
+            f"(finished runs are kept in {out}, the stopped one resumes from its checkpoint)",
         )
-        raise KeyboardInterrupt
     if failed:
         raise UserError(
             f"{len(failed)} of {len(runs)} ablation runs failed ({failures}); the others are in "

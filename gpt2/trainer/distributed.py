@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -39,21 +40,33 @@ def from_env() -> DistInfo:
     return DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
 
 
-def init(info: DistInfo, device: torch.device) -> torch.device:
-    """Join the process group if needed; returns this rank's device."""
+def init(info: DistInfo, device: torch.device, timeout_s: float = 600.0) -> torch.device:
+    """Join the process group if needed; returns this rank's device.
+
+    A collective that waits longer than ``timeout_s`` for another rank fails (gloo and NCCL
+    alike); NCCL's watchdog then tears the process down (``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``
+    unless set otherwise), so a dead or stuck rank never leaves the others hanging.
+    """
     if not info.enabled:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend,
+            device_id=device if device.type == "cuda" else None,
+            timeout=timedelta(seconds=timeout_s),
+        )
     return device
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+def shutdown(failed: bool = False) -> None:
+    """Leave the process group. After a failure it is left to the process exit: destroying it
+    would wait on collectives that the failed rank's peers may never finish."""
+    if not failed and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -75,13 +88,18 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def max_over_ranks(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Each value's maximum over the ranks (the values themselves for a single process)."""
+    if not info.enabled:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def any_rank(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
     """Each flag, true on every rank where it is true on at least one (so all ranks act together)."""
-    if not info.enabled:
-        return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return [v > 0 for v in max_over_ranks([1.0 if f else 0.0 for f in flags], info, device)]
 
 
 def parallelize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,18 +25,37 @@ def evaluate(
     dtype: torch.dtype,
     dist: distributed.DistInfo,
     console: Console,
+    before_batch: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """``{split}_loss`` and ``{split}_loss_se`` for train and val, and ``val_perplexity``.
 
     ``samples`` batches per split per rank; the same windows every time, so successive
     evaluations are comparable. ``model`` is switched to eval mode and back; ``eval_model`` (the
-    compiled one, where compiled) computes the losses.
+    compiled one, where compiled) computes the losses. ``before_batch`` runs before each batch (the
+    trainer's stop check: it may raise to abandon the evaluation).
     """
     model.eval()
+    try:
+        return _losses(eval_model, data, samples, device, dtype, dist, console, before_batch)
+    finally:
+        model.train()
+
+
+def _losses(
+    eval_model: nn.Module,
+    data: Any,
+    samples: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    dist: distributed.DistInfo,
+    console: Console,
+    before_batch: Callable[[], None],
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for split in ("train", "val"):
         losses = []
         for x, y in console.batches(data.eval_batches(split, samples), samples, f"eval {split}"):
+            before_batch()
             with autocast(device, dtype):
                 # a copy: under CUDA graphs the next replay reuses the output's memory
                 losses.append(eval_model(x, y).float().clone())
@@ -48,6 +68,5 @@ def evaluate(
         var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
         out[f"{split}_loss"] = mean
         out[f"{split}_loss_se"] = math.sqrt(var / n)
-    model.train()
     out["val_perplexity"] = math.exp(min(out["val_loss"], 20.0))
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from gpt2 import config_file
+from gpt2 import config_file, faults
 from gpt2.config import RunConfig
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -41,11 +42,12 @@ from gpt2.track.window import LogWindow
 from gpt2.trainer import checkpoint, distributed
 from gpt2.trainer.evaluate import evaluate
 from gpt2.trainer.extension import Extension, Extensions
-from gpt2.trainer.signals import StopRequest, catch_stop_signals
+from gpt2.trainer.signals import STOP, Stopped, StopRequest, catch_stop_signals
 from gpt2.trainer.state import TrainClock, TrainState
 from gpt2.trainer.step import TrainStep
 
 MAX_RESTARTS = 3  # self-healing restarts before a run gives up
+STOP_CHECK_S = 1.0  # under torchrun, the ranks agree on stop signals and the budget this often
 
 
 class _NullLog:
@@ -64,10 +66,11 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, extensions: Sequence[Extension] = ()) -> None:
         configure_process()
+        faults.point("startup")
         self.cfg = cfg
         self.extensions = Extensions(extensions)
         self.dist = distributed.from_env()
-        self.device = distributed.init(self.dist, resolve_device(cfg.train.device))
+        self.device = distributed.init(self.dist, resolve_device(cfg.train.device), cfg.dist.dist_timeout)
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         select_sdpa_backend(cfg.model.sdpa_backend, self.device)
         self.out_dir = Path(cfg.output.output_dir)
@@ -107,6 +110,8 @@ class Trainer:
             extensions=self.extensions,
             cudagraphs=m.compile and m.compile_mode == "reduce-overhead",
         )
+        if not self.dist.enabled:  # a signal may abandon a step's micro-steps (see _step)
+            self.step_fn.cancellable = STOP.cancellable
         self.tokens_per_step = cfg.tokens_per_step * self.dist.world_size  # global, all ranks
         self.state = TrainState()
         self.max_iters = cfg.train.max_iters
@@ -115,6 +120,10 @@ class Trainer:
         self.clock = TrainClock(0.0)
         self._compiled = False  # the compiled model has run a training step in this process
         self._agreed_fraction = 0.0  # torchrun: the budget fraction the ranks last agreed on
+        self._check_every, self._since_check = 1, 0  # torchrun: steps between stop checks
+        self._check_t = time.perf_counter()
+        self._saved_step = -1  # the step checkpoint_last.pt holds, where this process knows it
+        self._segment_start = 0  # the step this process started training from
         self._fit_start, self._wall_base = time.perf_counter(), 0.0
         self.tokens_per_s = 0.0  # throughput of the latest log window
 
@@ -188,13 +197,16 @@ class Trainer:
         weights) is collective.
         """
         t0 = time.perf_counter()
-        self.state.wall_time = self._wall_base + t0 - self._fit_start
-        state = checkpoint.collect(self.checkpoint_parts())  # (holds the time of earlier saves only)
-        try:
-            if self.dist.is_main:
-                self._write(state, last, best)
-        finally:
-            self.state.checkpoint_time += time.perf_counter() - t0
+        with STOP.deferring():  # a checkpoint write always completes
+            self.state.wall_time = self._wall_base + t0 - self._fit_start
+            state = checkpoint.collect(self.checkpoint_parts())  # (holds the time of earlier saves only)
+            try:
+                if self.dist.is_main:
+                    self._write(state, last, best)
+            finally:
+                self.state.checkpoint_time += time.perf_counter() - t0
+            if last:
+                self._saved_step = self.step
 
     def _write(self, state: dict[str, Any], last: bool, best: bool) -> None:
         if best:
@@ -209,7 +221,8 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         """Load every checkpoint part from ``state``, read from ``path`` (resume, self-healing restart)."""
-        checkpoint.restore(self.checkpoint_parts(), state, path)
+        with STOP.deferring():  # never half restored
+            checkpoint.restore(self.checkpoint_parts(), state, path)
 
     def _resume_path(self) -> Path | None:
         r = self.cfg.output.resume
@@ -244,88 +257,121 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``--max-iters`` or ``--max-time``; returns the results dict (also written to disk)."""
+        """Train to ``--max-iters`` or ``--max-time``; returns the results dict (also written to disk).
+
+        SIGTERM/SIGINT stop it within one micro-step in every phase (:mod:`.signals`): with training
+        progress, checkpoint_last.pt is written and the results say ``stop_reason: signal ...``;
+        during data preparation :class:`~.signals.Stopped` leaves (nothing was trained).
+        """
         c = self.cfg
         start = self._fit_start = time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:  # what this run is, replayable with --config
-            config_file.write(c, self.out_dir / config_file.CONFIG_TOML)
-        self._setup_data()
-        resume_path = self._resume_path()
-        if resume_path is not None:
-            self._restore(checkpoint.load(resume_path), resume_path)
-            self._wall_base = self.state.wall_time
-            self.say(f"resumed from {resume_path} at step {self.step}")
-        metrics: MetricsLog | _NullLog = _NullLog()
-        if self.dist.is_main:
-            metrics = MetricsLog(
-                self.out_dir / "metrics.jsonl", resume_from_step=self.step if resume_path else None
+        with catch_stop_signals():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.dist.is_main:  # what this run is, replayable with --config
+                config_file.write(c, self.out_dir / config_file.CONFIG_TOML)
+            resume_path = self._prepare()
+            metrics: MetricsLog | _NullLog = _NullLog()
+            if self.dist.is_main:
+                metrics = MetricsLog(
+                    self.out_dir / "metrics.jsonl", resume_from_step=self.step if resume_path else None
+                )
+            trackers = Trackers(
+                c.track.tracker if self.dist.is_main else [],
+                project=c.track.tracker_project or default_project(),
+                run_name=c.track.tracker_run_name or default_run_name(c.optim.optimizer),
+                config=c.to_dict(),
+                out_dir=self.out_dir,
+                quiet=c.train.quiet,
             )
-        trackers = Trackers(
-            c.track.tracker if self.dist.is_main else [],
-            project=c.track.tracker_project or default_project(),
-            run_name=c.track.tracker_run_name or default_run_name(c.optim.optimizer),
-            config=c.to_dict(),
-            out_dir=self.out_dir,
-            quiet=c.train.quiet,
-        )
-        with trackers:  # finished on every path; marked failed when an exception leaves
-            self._announce()
-            stop_reason = self._train(metrics, trackers, resumed=resume_path is not None)
-            results = self._finish(metrics, trackers, stop_reason, start)
-            summary = {k: v for k, v in results.items() if k not in ("config", "model_config")}
-            trackers.finish(summary)
+            with trackers:  # finished on every path; marked failed when an exception leaves
+                self._announce()
+                stop_reason = self._train(metrics, trackers)
+                results = self._finish(metrics, trackers, stop_reason, start)
+                summary = {k: v for k, v in results.items() if k not in ("config", "model_config")}
+                trackers.finish(summary)
         return results
 
-    def _train(self, metrics: Any, trackers: Trackers, resumed: bool) -> str:
-        """The loop: step, log, evaluate, checkpoint, until a budget or a signal ends it; returns why."""
+    def _prepare(self) -> Path | None:
+        """The data, then the checkpoint to resume from; returns its path (None: a fresh start).
+
+        A stop signal abandons the data preparation (its files stay complete or absent) and
+        raises :class:`Stopped`; under torchrun the ranks agree on that first, so all stop together.
+        """
+        stopped: Stopped | None = None
+        try:
+            with STOP.cancellable():
+                self._setup_data()
+        except Stopped as e:
+            if not self.dist.enabled:
+                raise
+            stopped = e
+        if self.dist.enabled and distributed.any_rank([bool(STOP)], self.dist, self.device)[0]:
+            raise stopped or Stopped(STOP.name)
+        path = self._resume_path()
+        if path is not None:
+            self._restore(checkpoint.load(path), path)
+            self._wall_base = self.state.wall_time
+            if path.resolve() == (self.out_dir / checkpoint.LAST).resolve():
+                self._saved_step = self.step
+            self.say(f"resumed from {path} at step {self.step}")
+        self._segment_start = self.step
+        return path
+
+    def _train(self, metrics: Any, trackers: Trackers) -> str:
+        """Train until a budget or a signal ends it; returns why."""
         c, st = self.cfg, self.state
         window = LogWindow(self.device, c.train.log_interval)
         self.clock = TrainClock(st.train_time)  # training steps only: what --max-time budgets
         self.last_eval = {}
-        stop_reason = "max_iters"
-        with catch_stop_signals() as stop, self.console.progress(self.max_iters, st.step):
+        with self.console.progress(self.max_iters, st.step):
             try:
-                if st.step == 0 and not resumed:
+                # The step-0 evaluation, or the one a signal abandoned after this checkpoint's step.
+                if st.step % c.train.eval_interval == 0 and st.last_eval_step != st.step:
                     with window.paused(), self.clock.paused():
                         self.last_eval = self._evaluate_and_log(metrics, trackers)
-                while st.step < self.max_iters:
-                    st.train_time = self.clock()
-                    reason = self._stop_reason(stop)
-                    if reason is not None:
-                        stop_reason = reason
-                        if reason == "max_time":
-                            for ext in self.extensions:
-                                ext.on_time_budget_spent(st.step, self.model, self.optimizer)
-                        break
-                    lr = self.lr()
-                    out = self._step(lr, window)
-                    st.step += 1
-                    window.add(out.loss, out.applied)
-                    self._tell_budget()
-                    for ext in self.extensions:
-                        ext.on_step_end(st.step, self.model, self.optimizer)
-                    self.console.advance()
-                    save_due = c.output.save_checkpoint and st.step % c.output.checkpoint_interval == 0
-                    # A checkpoint step is also a log step, so the checkpoint counts every skipped step.
-                    log_due = st.step % c.train.log_interval == 0 or st.step == self.max_iters or save_due
-                    if log_due and self._log_window(
-                        window, lr, out.grad_norm, self.clock(), metrics, trackers
-                    ):
-                        continue  # went back to a checkpoint: the window is void
-                    if st.step % c.train.eval_interval == 0:
-                        with window.paused(), self.clock.paused():  # neither throughput nor budget
-                            self.last_eval = self._evaluate_and_log(metrics, trackers)
-                    if save_due:
-                        with window.paused(), self.clock.paused():
-                            self.save()
-                if window.steps:  # stopped between log steps: count the skipped steps of that stretch
-                    self._account_steps(window.flags(), metrics, can_restart=False)
+                stop_reason = self._loop(window, metrics, trackers)
+            except Stopped as e:  # in an evaluation or a step's micro-steps: both leave no trace
+                stop_reason = f"signal {e.name}"
             finally:
                 # No batch is needed any more; the data state rewinds to exclude the one prepared ahead.
                 self.data.close()
+        if window.steps:  # stopped between log steps: count the skipped steps of that stretch
+            self._account_steps(window.flags(), metrics, can_restart=False)
         st.train_time = self.clock()
         return stop_reason
+
+    def _loop(self, window: LogWindow, metrics: Any, trackers: Trackers) -> str:
+        """The steps: step, log, evaluate, checkpoint; returns why they ended."""
+        c, st = self.cfg, self.state
+        while st.step < self.max_iters:
+            st.train_time = self.clock()
+            reason = self._stop_reason(STOP)
+            if reason is not None:
+                if reason == "max_time":
+                    for ext in self.extensions:
+                        ext.on_time_budget_spent(st.step, self.model, self.optimizer)
+                return reason
+            lr = self.lr()
+            out = self._step(lr, window)
+            st.step += 1
+            window.add(out.loss, out.applied)
+            self._tell_budget()
+            for ext in self.extensions:
+                ext.on_step_end(st.step, self.model, self.optimizer)
+            self.console.advance()
+            faults.point("step_end")
+            save_due = c.output.save_checkpoint and st.step % c.output.checkpoint_interval == 0
+            # A checkpoint step is also a log step, so the checkpoint counts every skipped step.
+            log_due = st.step % c.train.log_interval == 0 or st.step == self.max_iters or save_due
+            if log_due and self._log_window(window, lr, out.grad_norm, self.clock(), metrics, trackers):
+                continue  # went back to a checkpoint: the window is void
+            if st.step % c.train.eval_interval == 0:
+                with window.paused(), self.clock.paused():  # neither throughput nor budget
+                    self.last_eval = self._evaluate_and_log(metrics, trackers)
+            if save_due:
+                with window.paused(), self.clock.paused():
+                    self.save()
+        return "max_iters"
 
     def _tell_budget(self) -> None:
         """Under --max-time, the used fraction of the budget after this step, for the extensions.
@@ -347,29 +393,73 @@ class Trainer:
 
     def _step(self, lr: float, window: LogWindow) -> Any:
         """One optimizer step; the process's first under --compile compiles: compile time, counted in
-        neither the training time nor the throughput."""
+        neither the training time nor the throughput.
+
+        A stop signal may abandon the step's micro-steps (single process only: under torchrun the
+        ranks must take the same steps); the batches and random numbers they drew are then given
+        back, so the checkpoint written next is exactly the state before the step.
+        """
         st = self.state
-        if not self.cfg.model.compile or self._compiled:
-            return self.step_fn(self.data.train_batch, lr)
-        with window.paused(), self.clock.paused() as spent:
-            out = self.step_fn(self.data.train_batch, lr)
+        mark = None if self.dist.enabled else (self.data.state_dict(), self._local_rng())
+        try:
+            if not self.cfg.model.compile or self._compiled:
+                return self.step_fn(self.data.train_batch, lr)
+            with window.paused(), self.clock.paused() as spent:
+                out = self.step_fn(self.data.train_batch, lr)
+        except Stopped:
+            if mark is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.data.load_state_dict(mark[0])
+                self._local_rng(mark[1])
+            raise
         self._compiled = True
         st.compile_time += spent[0]
         return out
 
+    def _local_rng(self, restore: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """This process's RNG states (dropout), or set them back to ``restore``."""
+        if restore is not None:
+            torch.set_rng_state(restore["torch"])
+            if "cuda" in restore:
+                torch.cuda.set_rng_state(restore["cuda"], self.device)
+            return restore
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
     def _stop_reason(self, stop: StopRequest) -> str | None:
         """Why to stop before the next step (a signal, the time budget), or None to go on.
 
-        Ranks must agree to stop, which costs a collective: under torchrun they check at log steps.
+        Ranks must agree to stop, which costs a collective and a host read: under torchrun they
+        check every ``STOP_CHECK_S`` seconds of steps (every step when steps are slower), at the
+        same steps on every rank (the interval follows the slowest rank's step time).
         """
         c, st = self.cfg, self.state
-        if self.dist.enabled and st.step % c.train.log_interval != 0:
-            return None
         out_of_time = c.train.max_time > 0 and st.train_time >= c.train.max_time
-        out_of_time, signalled = distributed.any_rank([out_of_time, bool(stop)], self.dist, self.device)
+        signalled = bool(stop)
+        if self.dist.enabled:
+            self._since_check += 1
+            if self._since_check < self._check_every:
+                return None
+            now = time.perf_counter()
+            step_s = (now - self._check_t) / self._since_check
+            self._check_t, self._since_check = now, 0
+            late, sig, slowest = distributed.max_over_ranks(
+                [out_of_time, signalled, step_s], self.dist, self.device
+            )
+            out_of_time, signalled = late > 0, sig > 0
+            self._check_every = max(1, min(c.train.log_interval, int(STOP_CHECK_S / max(slowest, 1e-6))))
         if signalled:  # on this rank or another: every rank saves and stops
             return f"signal {stop.name}"
-        return "max_time" if out_of_time else None
+        if not out_of_time:
+            return None
+        if st.step - self._segment_start == 1:
+            self.say(
+                f"the first step took {st.train_time:.1f} s of training time, more than the whole "
+                f"--max-time budget of {c.train.max_time:g} s: the run stops after it"
+            )
+        return "max_time"
 
     def _log_window(
         self, window: LogWindow, lr: float, grad_norm: Any, elapsed: float, metrics: Any, trackers: Trackers
@@ -444,26 +534,36 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Losses on fixed windows of both splits (see :func:`.evaluate.evaluate`) and extension metrics."""
-        ev = evaluate(
-            self.model,
-            self.eval_model,
-            self.data,
-            samples=self.cfg.train.eval_samples,
-            device=self.device,
-            dtype=self.dtype,
-            dist=self.dist,
-            console=self.console,
-        )
+        # Cancellable in one process; under torchrun the ranks agree before each batch instead.
+        with contextlib.nullcontext() if self.dist.enabled else STOP.cancellable():
+            ev = evaluate(
+                self.model,
+                self.eval_model,
+                self.data,
+                samples=self.cfg.train.eval_samples,
+                device=self.device,
+                dtype=self.dtype,
+                dist=self.dist,
+                console=self.console,
+                before_batch=self._before_eval_batch,
+            )
         for ext in self.extensions:
             ev.update(ext.eval_metrics(self.model))
         return ev
 
+    def _before_eval_batch(self) -> None:
+        faults.point("eval_batch")
+        if self.dist.enabled and distributed.any_rank([bool(STOP)], self.dist, self.device)[0]:
+            raise Stopped(STOP.name)
+
     def _evaluate_and_log(self, metrics: Any, trackers: Trackers) -> dict[str, float]:
+        """Evaluate, record it; a stop signal abandons it (:class:`Stopped`) with nothing recorded."""
         st = self.state
         t0 = time.perf_counter()
         ev = self.evaluate()
         eval_s = time.perf_counter() - t0
         st.eval_time += eval_s
+        st.last_eval_step = st.step
         is_best = ev["val_loss"] < st.best_val_loss
         if is_best:
             st.best_val_loss = ev["val_loss"]
@@ -505,15 +605,24 @@ class Trainer:
     def _finish(self, metrics: Any, trackers: Trackers, stop_reason: str, start: float) -> dict[str, Any]:
         """Final evaluation and checkpoint, results.json, the closing line."""
         c = self.cfg
-        if self.last_eval.get("step") != self.step:
-            self.last_eval = self._evaluate_and_log(metrics, trackers)
-        if c.output.save_checkpoint or stop_reason.startswith("signal"):
+        if not stop_reason.startswith("signal") and self.last_eval.get("step") != self.step:
+            try:
+                self.last_eval = self._evaluate_and_log(metrics, trackers)
+            except Stopped as e:
+                stop_reason = f"signal {e.name}"
+        stopped = stop_reason.startswith("signal")
+        if stopped and self.step > 0 and self._saved_step != self.step:
+            self.save()  # training progress to keep: the one thing a stop must not lose
+        elif c.output.save_checkpoint and not stopped:
             self.save()
         results = self._results(self.last_eval, stop_reason, time.perf_counter() - start)
         if self.dist.is_main:
             write_json_atomic(self.out_dir / "results.json", results)
             if c.output.json_output:
                 write_json_atomic(Path(c.output.json_output), results)
+        if stopped:
+            self._say_stopped(stop_reason)
+            return results
         self.say(
             f"done ({stop_reason}): step {self.step}, val loss {results['final_val_loss']:.4f} "
             f"(best {results['best_val_loss']:.4f}), {results['tokens_per_s']:,.0f} tokens/s, "
@@ -522,15 +631,30 @@ class Trainer:
         )
         return results
 
+    def _say_stopped(self, stop_reason: str) -> None:
+        """The one line a stopped run leaves (even under --quiet): at which step, and where it is kept."""
+        if not self.dist.is_main:
+            return
+        last = self.out_dir / checkpoint.LAST
+        if self._saved_step == self.step and last.exists():
+            kept = f"checkpoint {last}; rerun with --resume auto to continue"
+        else:
+            kept = "nothing trained, nothing saved"
+        by = stop_reason.removeprefix("signal ")
+        print(f"stopped by {by} at step {self.step}: {kept}", file=sys.stderr, flush=True)
+
     def _results(self, ev: dict[str, float], stop_reason: str, wall: float) -> dict[str, Any]:
+        """The results of the run; ``ev`` is the latest complete evaluation (empty if none)."""
         st = self.state
+        c = self.cfg
         tokens_seen = st.step * self.tokens_per_step
         results: dict[str, Any] = {
-            "final_train_loss": ev["train_loss"],
-            "final_val_loss": ev["val_loss"],
-            "final_val_loss_se": ev["val_loss_se"],
+            "final_train_loss": ev.get("train_loss", math.nan),
+            "final_val_loss": ev.get("val_loss", math.nan),
+            "final_val_loss_se": ev.get("val_loss_se", math.nan),
             "best_val_loss": st.best_val_loss,
-            "final_val_perplexity": ev["val_perplexity"],
+            "final_val_perplexity": ev.get("val_perplexity", math.nan),
+            "eval_step": ev.get("step", -1),
             "iters": st.step,
             "tokens_seen": tokens_seen,
             # the budgeted training time, then what the budget excludes, then the whole run
@@ -540,6 +664,7 @@ class Trainer:
             "checkpoint_time_s": st.checkpoint_time,
             "wall_time_s": self._wall_base + time.perf_counter() - self._fit_start,
             "eval_fraction": st.eval_time / (st.train_time + st.eval_time) if st.train_time > 0 else 0.0,
+            "budget_overrun_s": max(0.0, st.train_time - c.train.max_time) if c.train.max_time > 0 else 0.0,
             "tokens_per_s": tokens_seen / st.train_time if st.train_time > 0 else 0.0,
             "last_window_tokens_per_s": self.tokens_per_s,
             "peak_memory_bytes": peak_memory_bytes(self.device),

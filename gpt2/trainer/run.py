@@ -6,6 +6,7 @@ import json
 
 from gpt2.config import RunConfig
 from gpt2.trainer.extension import Extension
+from gpt2.trainer.signals import STOP
 
 
 def extensions_for(cfg: RunConfig) -> list[Extension]:
@@ -36,8 +37,11 @@ def train_once(cfg: RunConfig) -> dict:
         )
         return info
     results = trainer.fit()
-    if cfg.output.sample_tokens > 0 and not cfg.train.quiet:
+    stopped = str(results["stop_reason"]).startswith("signal")
+    if cfg.output.sample_tokens > 0 and not cfg.train.quiet and not stopped:
+        with STOP.cancellable(f"while sampling: the run had finished, results in {cfg.output.output_dir}"):
+            text = trainer.sample(cfg.output.sample_tokens)
         print("---- sample ----")
-        print(trainer.sample(cfg.output.sample_tokens))
+        print(text)
         print("----------------")
     return results

@@ -30,11 +30,13 @@ class TrainState:
     bad_steps: int = 0  # non-finite steps skipped, over the whole run
     consecutive_bad: int = 0
     restarts: int = 0
+    last_eval_step: int = -1  # the step of the latest complete evaluation (a signal may abandon one)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {"last_eval_step": state.get("step", -1), **state}  # older checkpoints: evaluated
         for f in fields(self):
             if f.name in state:
                 kind = type(getattr(self, f.name))

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from gpt2 import faults
 from gpt2.runtime import autocast
 from gpt2.trainer.extension import Extension
 
@@ -70,6 +71,9 @@ class TrainStep:
         self.extensions = list(extensions)
         self.skip_nonfinite = skip_nonfinite
         self.cudagraphs = cudagraphs  # the compiled model replays CUDA graphs (reduce-overhead)
+        # Where a stop signal may abandon the micro-steps (the caller rewinds what they consumed);
+        # the optimizer update after them always completes.
+        self.cancellable: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.device_skip = (
@@ -92,14 +96,18 @@ class TrainStep:
         """
         self.set_lr(lr)
         total = torch.zeros((), device=self.device)
-        for micro in range(self.accumulation):
-            if self.cudagraphs:  # each micro-step's graph outputs may overwrite the previous ones
-                torch.compiler.cudagraph_mark_step_begin()
-            x, y = next_batch()
-            with self._sync_context(last=micro == self.accumulation - 1), autocast(self.device, self.dtype):
-                loss = self.forward_model(x, y) / self.accumulation
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
+        with self.cancellable():
+            for micro in range(self.accumulation):
+                faults.point("micro_step")
+                if self.cudagraphs:  # each micro-step's graph outputs may overwrite the previous ones
+                    torch.compiler.cudagraph_mark_step_begin()
+                x, y = next_batch()
+                last = micro == self.accumulation - 1
+                with self._sync_context(last=last), autocast(self.device, self.dtype):
+                    loss = self.forward_model(x, y) / self.accumulation
+                self.scaler.scale(loss).backward()
+                total += loss.detach()
+        faults.point("optimizer_step")
         for ext in self.extensions:
             ext.before_optimizer_step(self.model, self.optimizer)
         self.scaler.unscale_(self.optimizer)
