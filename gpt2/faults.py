@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 from dataclasses import dataclass
 
 ENV = "GPT2_FAULT"
@@ -70,10 +72,18 @@ def point(name: str) -> None:
         return
     if _fault.do == "raise":
         raise RuntimeError(f"injected fault at {name} #{_fault.at}")
-    sig, pid = ACTIONS[_fault.do], os.getpid()
     if _fault.after > 0:
-        timer = threading.Timer(_fault.after, os.kill, (pid, sig))
+        timer = threading.Timer(_fault.after, _fire, (name,))
         timer.daemon = True
         timer.start()
     else:
-        os.kill(pid, sig)
+        _fire(name)
+
+
+def _fire(name: str) -> None:
+    """Send the signal, saying when (``time.monotonic`` is one clock for every process of a machine)."""
+    assert _fault is not None
+    at = f"{name} #{_fault.at}"
+    sys.stderr.write(f"fault injected: {_fault.do} at {at}, monotonic {time.monotonic():.3f}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), ACTIONS[_fault.do])

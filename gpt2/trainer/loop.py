@@ -136,6 +136,11 @@ class Trainer:
     def say(self, msg: str) -> None:
         self.console.say(msg)
 
+    def warn(self, msg: str) -> None:
+        """A line on stderr from rank 0, even under --quiet: something the user must know."""
+        if self.dist.is_main:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
     def lr(self) -> float:
         o, t, st = self.cfg.optim, self.cfg.train, self.state
         progress = None
@@ -455,8 +460,8 @@ class Trainer:
         if not out_of_time:
             return None
         if st.step - self._segment_start == 1:
-            self.say(
-                f"the first step took {st.train_time:.1f} s of training time, more than the whole "
+            self.warn(
+                f"the first step took {st.train_time:.2f} s of training time, more than the whole "
                 f"--max-time budget of {c.train.max_time:g} s: the run stops after it"
             )
         return "max_time"

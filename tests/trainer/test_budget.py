@@ -59,3 +59,18 @@ def test_time_budgeted_pruning_reaches_its_target(tiny_flags, tmp_path, method) 
     results = train_once(resolve(flags))
     assert results["iters"] < 80_000 and results["stop_reason"] == "max_time"
     assert abs(results["final_sparsity"] - 0.5) < 0.005
+
+
+def test_a_first_step_longer_than_the_budget_is_reported(tiny_flags, capsys) -> None:
+    results = train_once(resolve(tiny_flags | dict(max_iters=100, max_time=1e-4)))
+    assert results["iters"] == 1 and results["stop_reason"] == "max_time"
+    assert results["budget_overrun_s"] == pytest.approx(results["train_time_s"] - 1e-4)
+    err = capsys.readouterr().err
+    assert "the first step took" in err and "more than the whole --max-time budget of 0.0001 s" in err
+
+
+def test_a_run_within_its_budget_reports_no_overrun_warning(tiny_flags, capsys) -> None:
+    results = train_once(resolve(tiny_flags | dict(max_iters=100_000, max_time=1.0)))
+    assert results["stop_reason"] == "max_time" and results["iters"] > 1
+    assert 0 <= results["budget_overrun_s"] < results["train_time_s"] / results["iters"] + 0.05
+    assert "first step took" not in capsys.readouterr().err
