@@ -116,7 +116,6 @@ class Trainer:
         self.state = TrainState()
         self.max_iters = cfg.train.max_iters
         self.data: Any = None
-        self.last_eval: dict[str, float] = {}  # the latest evaluation, with its step
         self.clock = TrainClock(0.0)
         self._compiled = False  # the compiled model has run a training step in this process
         self._agreed_fraction = 0.0  # torchrun: the budget fraction the ranks last agreed on
@@ -327,13 +326,12 @@ class Trainer:
         c, st = self.cfg, self.state
         window = LogWindow(self.device, c.train.log_interval)
         self.clock = TrainClock(st.train_time)  # training steps only: what --max-time budgets
-        self.last_eval = {}
         with self.console.progress(self.max_iters, st.step):
             try:
                 # The step-0 evaluation, or the one a signal abandoned after this checkpoint's step.
-                if st.step % c.train.eval_interval == 0 and st.last_eval_step != st.step:
+                if st.step % c.train.eval_interval == 0 and st.last_eval.get("step") != st.step:
                     with window.paused(), self.clock.paused():
-                        self.last_eval = self._evaluate_and_log(metrics, trackers)
+                        self._evaluate_and_log(metrics, trackers)
                 stop_reason = self._loop(window, metrics, trackers)
             except Stopped as e:  # in an evaluation or a step's micro-steps: both leave no trace
                 stop_reason = f"signal {e.name}"
@@ -372,7 +370,7 @@ class Trainer:
                 continue  # went back to a checkpoint: the window is void
             if st.step % c.train.eval_interval == 0:
                 with window.paused(), self.clock.paused():  # neither throughput nor budget
-                    self.last_eval = self._evaluate_and_log(metrics, trackers)
+                    self._evaluate_and_log(metrics, trackers)
             if save_due:
                 with window.paused(), self.clock.paused():
                     self.save()
@@ -568,7 +566,7 @@ class Trainer:
         ev = self.evaluate()
         eval_s = time.perf_counter() - t0
         st.eval_time += eval_s
-        st.last_eval_step = st.step
+        st.last_eval = {**ev, "step": st.step}
         is_best = ev["val_loss"] < st.best_val_loss
         if is_best:
             st.best_val_loss = ev["val_loss"]
@@ -594,7 +592,7 @@ class Trainer:
         )
         if is_best and self.cfg.output.save_checkpoint and st.step > 0:
             self.save(last=False, best=True)
-        return {**ev, "step": st.step}
+        return st.last_eval
 
     # ------------------------------------------------------------ the end
     def _announce(self) -> None:
@@ -610,9 +608,10 @@ class Trainer:
     def _finish(self, metrics: Any, trackers: Trackers, stop_reason: str, start: float) -> dict[str, Any]:
         """Final evaluation and checkpoint, results.json, the closing line."""
         c = self.cfg
-        if not stop_reason.startswith("signal") and self.last_eval.get("step") != self.step:
+        last = self.state.last_eval
+        if not stop_reason.startswith("signal") and (last.get("step") != self.step or "val_loss" not in last):
             try:
-                self.last_eval = self._evaluate_and_log(metrics, trackers)
+                self._evaluate_and_log(metrics, trackers)
             except Stopped as e:
                 stop_reason = f"signal {e.name}"
         stopped = stop_reason.startswith("signal")
@@ -620,7 +619,7 @@ class Trainer:
             self.save()  # training progress to keep: the one thing a stop must not lose
         elif c.output.save_checkpoint and not stopped:
             self.save()
-        results = self._results(self.last_eval, stop_reason, time.perf_counter() - start)
+        results = self._results(self.state.last_eval, stop_reason, time.perf_counter() - start)
         if self.dist.is_main:
             write_json_atomic(self.out_dir / "results.json", results)
             if c.output.json_output:

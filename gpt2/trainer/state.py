@@ -6,7 +6,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -30,13 +30,14 @@ class TrainState:
     bad_steps: int = 0  # non-finite steps skipped, over the whole run
     consecutive_bad: int = 0
     restarts: int = 0
-    last_eval_step: int = -1  # the step of the latest complete evaluation (a signal may abandon one)
+    # The latest complete evaluation, with its "step" (a signal may abandon one: it is redone).
+    last_eval: dict[str, float] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = {"last_eval_step": state.get("step", -1), **state}  # older checkpoints: evaluated
+        state = {"last_eval": {"step": state.get("step", -1)}, **state}  # older checkpoints: evaluated
         for f in fields(self):
             if f.name in state:
                 kind = type(getattr(self, f.name))
