@@ -54,11 +54,18 @@ def init(info: DistInfo, device: torch.device, timeout_s: float = 600.0) -> torc
         torch.cuda.set_device(device)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # Each torchrun restart in its own key space: the store may outlive the workers (shared
+        # with the launcher's rendezvous), and a restarted rank must never read a dead one's address.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
-            backend=backend,
+            backend="nccl" if device.type == "cuda" else "gloo",
+            store=dist.PrefixStore(f"gpt2/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world,
             device_id=device if device.type == "cuda" else None,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timeout,
         )
     return device
 
