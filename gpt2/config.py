@@ -25,6 +25,7 @@ ARCHITECTURES = ("vanilla", "unified-ra")
 DEFAULT_RA_STEP = "V1"  # the step --architecture unified-ra trains when --ra-step is not given
 VANILLA_STEP = "V0"  # --architecture vanilla builds exactly this step's model
 RA_GATES = ("per-head", "per-layer")
+GATE_SCHEDULES = ("none", "delayed", "variance")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune")
 PRUNING_METHODS = ("none", "magnitude", "movement", "state")
@@ -95,6 +96,27 @@ class ModelSection:
     )
     ra_gates: str = opt(
         "per-head", "Unified RA gates (w_std, w_rec): one pair per head or per layer", choices=RA_GATES
+    )
+    gate_schedule: str | None = opt(
+        None,
+        "how the reciprocal gates (RA and R-MLP w_rec) come in: none; delayed (frozen at 0 for "
+        "--gate-delay-steps, then 0.1 and trained); variance (frozen until the loss variance over "
+        "--gate-variance-window steps is below --gate-variance-threshold, checked every "
+        "--gate-variance-every steps from --gate-variance-start, then 0.1 coupled in over "
+        "--gate-ramp-steps). Default: the V-step's",
+        choices=GATE_SCHEDULES,
+    )
+    gate_delay_steps: int = opt(75, "delayed gate schedule: steps the gates stay frozen", rule=NON_NEGATIVE)
+    gate_variance_start: int = opt(250, "variance gate schedule: first step checked", rule=NON_NEGATIVE)
+    gate_variance_every: int = opt(50, "variance gate schedule: steps between checks", rule=POSITIVE)
+    gate_variance_window: int = opt(
+        100, "variance gate schedule: per-step losses the variance is taken over", rule=AT_LEAST_ONE
+    )
+    gate_variance_threshold: float = opt(
+        0.02, "variance gate schedule: open below this loss variance", rule=POSITIVE
+    )
+    gate_ramp_steps: int = opt(
+        200, "variance gate schedule: steps of the linear coupling ramp after opening", rule=AT_LEAST_ONE
     )
     compile: bool = opt(False, "torch.compile the model")
     compile_mode: str = opt(
@@ -418,6 +440,8 @@ class RunConfig:
         built = apply_step(shapes, step or m.ra_step or VANILLA_STEP)
         if built.attention == "unified_ra":  # gate layout only exists where there are RA gates
             built = replace(built, ra_per_head_gates=m.ra_gates == "per-head")
+        if m.gate_schedule is not None and built.has_reciprocal_gates:
+            built = replace(built, gate_schedule=m.gate_schedule)
         return built
 
     def to_dict(self) -> dict[str, Any]:
@@ -649,6 +673,8 @@ def _validate_ra(cfg: RunConfig) -> None:
     if m.architecture != "unified-ra":
         _check("ra_gates" not in cfg.explicit, "--ra-gates needs --architecture unified-ra")
         _check(not a.ablation_mode, "--ablation-mode needs --architecture unified-ra")
+        gate = sorted(k for k in cfg.explicit if k.startswith("gate_"))
+        _check(not gate, f"--{gate[0].replace('_', '-') if gate else ''} needs --architecture unified-ra")
     _check(
         a.ablation_mode or a.ablate or a.ablation_seeds == 1,
         "--ablation-seeds needs --ablation-mode or --ablate",

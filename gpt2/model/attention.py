@@ -6,11 +6,14 @@ Each variant is an ``nn.Module`` built from a :class:`GPTConfig` and registered 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gpt2.model.config import GPTConfig
+from gpt2.model.gates import add_reciprocal_gate, coupled_w_rec
 
 # Below this sequence length, bf16 attention on CPU runs in fp32 (see CausalSelfAttention.attend).
 SHORT_BF16_CPU = 256
@@ -93,14 +96,14 @@ class UnifiedRAttention(CausalSelfAttention):
         self.d_std = self.head_dim - self.rank
         gate_shape = (config.n_head,) if config.ra_per_head_gates else ()
         self.w_std = nn.Parameter(torch.full(gate_shape, 0.9))
-        self.w_rec = nn.Parameter(torch.full(gate_shape, 0.1))
+        add_reciprocal_gate(self, gate_shape, scheduled=config.gate_schedule != "none")
         self.rwr_alpha = nn.Parameter(torch.full((config.n_head,), 0.05)) if config.self_restart else None
 
     def query_scale(self) -> torch.Tensor:
         """(C,) per-channel query gains: w_std on each head's first D - R channels, w_rec on the last R."""
         H = self.n_head
         g_std = self.w_std.reshape(-1, 1).expand(H, self.d_std)
-        g_rec = self.w_rec.reshape(-1, 1).expand(H, self.rank)
+        g_rec = coupled_w_rec(self).reshape(-1, 1).expand(H, self.rank)
         return torch.cat([g_std, g_rec], dim=1).reshape(-1)
 
     def restart_alpha(self) -> torch.Tensor | None:
@@ -131,13 +134,133 @@ class UnifiedRAttention(CausalSelfAttention):
     def gates(self) -> dict[str, torch.Tensor]:
         """Learned gate values by name ((H,) per head, 0-dim per layer), for gate statistics."""
         out = {"attn_w_std": self.w_std, "attn_w_rec": self.w_rec}
+        if self.rec_coupling is not None:
+            out["attn_rec_coupling"] = self.rec_coupling
         alpha = self.restart_alpha()
         if alpha is not None:
             out["attn_restart_alpha"] = alpha
         return out
 
 
+class PrunedKVAttention(CausalSelfAttention):
+    """KV pruning (reference §4.3, V14-V19, C1-C3): each query attends to its ``k`` most important
+    keys plus its ``r`` latest positions, ``k = round(kv_keep * block_size)`` (391 of 1024) and
+    ``r = round(kv_recent * block_size)`` (64 of 1024).
+
+    A key's importance for query i is the mean attention it received from queries 0..i (a
+    cumulative mean over the query axis), so the selection, like everything else, sees no later
+    token: strictly causal (tested by perturbing later tokens). ``k`` follows the block size, not
+    the batch's length, so a prefix's outputs do not depend on what follows. With ``k`` at least
+    the sequence length this is standard attention exactly (it then calls SDPA).
+
+    - ``attention="kv_pruned"``: the softmax runs over the kept keys only (K and V pruned).
+    - ``attention="v_pruned"`` (V19): the softmax runs over all keys, but only the kept keys'
+      values are summed (V pruned; the weights of the dropped ones are not given back).
+    - ``kv_learned``: the keep ratio is a parameter (init ``kv_keep``). A hard top-k has no
+      gradient in k, so the kept set is a soft rank mask ``sigmoid((ratio * block_size - rank) / tau)``
+      (rank 0 = most important, ``tau`` = 2% of the block size), applied as ``log(mask)`` on the
+      scores (kv) or as a factor on the weights (v): the loss then pulls the ratio by how much the
+      next-ranked keys matter. Nothing pushes it down: it is a measurement, not a budget.
+    - ``kv_v_rank > 0`` (C1-C3): values pass through a learned D -> r -> D map (shared by the heads),
+      initialised to the projection onto r of the D channels.
+    - ``kv_gather``: the kept keys are gathered (B, H, T, k + recent, D) instead of masking the
+      (B, H, T, T) scores; the same result, another cost (measured in the README).
+
+    Costs more than SDPA: the full score matrix is formed twice (importance, then the pruned softmax).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.values_only = config.attention == "v_pruned"
+        self.block_size = config.block_size
+        self.keep = max(1, round(config.kv_keep * config.block_size))
+        self.recent = round(config.kv_recent * config.block_size)
+        self.gather = config.kv_gather
+        self.keep_ratio = nn.Parameter(torch.tensor(config.kv_keep)) if config.kv_learned else None
+        if config.kv_v_rank:
+            basis = torch.eye(self.head_dim)[: config.kv_v_rank]
+            # plain parameters: GPT's N(0, 0.02) init of Linears would start V near zero
+            self.v_down = nn.Parameter(basis.t().clone())  # (D, r)
+            self.v_up = nn.Parameter(basis.clone())  # (r, D)
+        else:
+            self.v_down = self.v_up = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.v_down is not None:
+            v = v @ self.v_down.to(v.dtype) @ self.v_up.to(v.dtype)
+        T = q.shape[-2]
+        if self.keep_ratio is None and self.keep >= T:
+            return super().attend(q, k, v)  # every key is kept: standard attention
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        scores = scores.masked_fill(~causal, float("-inf"))
+        rank = self._importance_rank(scores, causal)  # (B, H, T, T), 0 = kept first; causal only
+        if self.gather:
+            return self._gathered(q, k, v, rank)
+        if self.keep_ratio is None:
+            kept = (rank < self.keep + self.recent) & causal
+            weight = kept.to(scores.dtype)
+            log_weight = torch.zeros_like(scores).masked_fill(~kept, float("-inf"))
+        else:
+            weight = self._soft_keep(rank, causal).to(scores.dtype)
+            log_weight = weight.clamp_min(1e-30).log()
+        if self.values_only:
+            probs = self._dropout(scores.softmax(dim=-1)) * weight
+        else:
+            probs = self._dropout((scores + log_weight).softmax(dim=-1))
+        return probs @ v
+
+    def _dropout(self, probs: torch.Tensor) -> torch.Tensor:
+        return F.dropout(probs, self.dropout, training=self.training)
+
+    @torch.no_grad()
+    def _importance_rank(self, scores: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        """For each query i, each visible key's rank: the ``r`` latest first, then by mean
+        received attention over queries 0..i (descending); later keys get rank T."""
+        T = scores.shape[-1]
+        probs = scores.float().softmax(dim=-1)
+        seen = torch.arange(1, T + 1, device=scores.device, dtype=probs.dtype).view(T, 1)
+        importance = probs.cumsum(dim=-2) / seen  # row i: mean over queries <= i
+        i = torch.arange(T, device=scores.device)
+        recent = causal & (i.view(1, T) > i.view(T, 1) - self.recent)
+        importance = importance.masked_fill(recent, float("inf")).masked_fill(~causal, float("-inf"))
+        order = importance.argsort(dim=-1, descending=True, stable=True)
+        rank = order.argsort(dim=-1)
+        return rank.masked_fill(~causal, T)
+
+    def _soft_keep(self, rank: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        """The learned variant's mask: 1 for the recent keys, a sigmoid in rank for the others."""
+        T = rank.shape[-1]
+        n_recent = torch.clamp(torch.arange(1, T + 1, device=rank.device), max=self.recent).view(T, 1)
+        tau = max(1.0, 0.02 * self.block_size)
+        limit = self.keep_ratio.clamp(0.0, 1.0) * self.block_size
+        soft = torch.sigmoid((limit - (rank - n_recent).float()) / tau)
+        return torch.where(rank < n_recent, torch.ones_like(soft), soft) * causal
+
+    def _gathered(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: torch.Tensor
+    ) -> torch.Tensor:
+        """Fixed-k KV pruning by gathering each query's kept keys and values."""
+        B, H, T, D = q.shape
+        n = min(self.keep + self.recent, T)
+        kept = rank.argsort(dim=-1)[..., :n]  # (B, H, T, n) key positions, kept first (later keys last)
+        valid = rank.gather(-1, kept) < self.keep + self.recent
+        flat = kept.reshape(B, H, T * n, 1).expand(-1, -1, -1, D)
+        ks = k.gather(2, flat).view(B, H, T, n, D)
+        vs = v.gather(2, flat).view(B, H, T, n, D)
+        scores = (ks @ q.unsqueeze(-1)).squeeze(-1) * (1.0 / math.sqrt(D))  # (B, H, T, n)
+        valid &= kept <= torch.arange(T, device=q.device).view(T, 1)
+        probs = self._dropout(scores.masked_fill(~valid, float("-inf")).softmax(dim=-1))
+        return (probs.unsqueeze(-2) @ vs).squeeze(-2)
+
+    def gates(self) -> dict[str, torch.Tensor]:
+        """The learned keep ratio, where there is one (for gate statistics)."""
+        return {} if self.keep_ratio is None else {"kv_keep_ratio": self.keep_ratio}
+
+
 ATTENTION: dict[str, type[CausalSelfAttention]] = {
     "standard": CausalSelfAttention,
     "unified_ra": UnifiedRAttention,
+    "kv_pruned": PrunedKVAttention,
+    "v_pruned": PrunedKVAttention,
 }

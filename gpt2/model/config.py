@@ -33,6 +33,17 @@ class GPTConfig:
     rmlp_rank: int = 64
     rmlp_mixer: bool = False  # R_ff x R_ff linear map on the low path
     rmlp_gates: bool = False  # extra learned scalar gate_alpha on the low path
+    # "delayed" or "variance": the reciprocal gates (RA and R-MLP w_rec) start frozen at 0 with a
+    # coupling buffer at 0; a training schedule opens them (the model only holds the state).
+    gate_schedule: str = "none"
+    # KV pruning (attention="kv_pruned" or "v_pruned"): each query keeps its top-k keys by mean
+    # received attention, k = round(kv_keep * block_size), plus the round(kv_recent * block_size)
+    # latest positions; both scale with the block size.
+    kv_keep: float = 0.382  # ~ 1/(1 + phi): 391 of 1024
+    kv_recent: float = 0.0625  # 64 of 1024
+    kv_learned: bool = False  # the keep ratio is a learned parameter (soft rank mask), init kv_keep
+    kv_gather: bool = False  # compute the kept keys by gathering them rather than masking scores
+    kv_v_rank: int = 0  # > 0: V compressed to this many dims per head by a learned map (C1-C3)
 
     def __post_init__(self) -> None:
         if self.attention != "unified_ra":  # the gate layout means nothing without RA gates
@@ -66,6 +77,24 @@ class GPTConfig:
             raise ValueError(f"rmlp_rank must be in [1, MLP width={self.mlp_width}), got {self.rmlp_rank}")
         if (self.rmlp_mixer or self.rmlp_gates) and self.mlp != "reciprocal":
             raise ValueError("rmlp_mixer and rmlp_gates need mlp='reciprocal'")
+        if self.gate_schedule not in ("none", "delayed", "variance"):
+            raise ValueError(f"gate_schedule must be none, delayed or variance, got {self.gate_schedule!r}")
+        if self.gate_schedule != "none" and not self.has_reciprocal_gates:
+            raise ValueError(
+                "gate_schedule needs reciprocal gates (attention='unified_ra' or mlp='reciprocal')"
+            )
+        if self.attention in ("kv_pruned", "v_pruned"):
+            if not 0 < self.kv_keep <= 1 or not 0 <= self.kv_recent <= 1:
+                k, r = self.kv_keep, self.kv_recent
+                raise ValueError(f"kv_keep must be in (0, 1] and kv_recent in [0, 1], got {k}, {r}")
+            if not 0 <= self.kv_v_rank <= self.head_dim:
+                raise ValueError(f"kv_v_rank must be in [0, head_dim={self.head_dim}], got {self.kv_v_rank}")
+            if self.kv_gather and (self.kv_learned or self.attention != "kv_pruned"):
+                raise ValueError("kv_gather computes fixed-k KV pruning only (attention='kv_pruned')")
+
+    @property
+    def has_reciprocal_gates(self) -> bool:
+        return self.attention == "unified_ra" or self.mlp == "reciprocal"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -56,3 +56,42 @@ def gate_stats(model: nn.Module) -> dict[str, float]:
         out[f"gates/{family}_max"] = max(values)
     out.update(per_layer)
     return out
+
+
+# --------------------------------------------------------------------- scheduled reciprocal gates
+
+W_REC_INIT = 0.1  # w_rec at init, and where a schedule sets it when it opens the gates
+
+
+def add_reciprocal_gate(module: nn.Module, shape: tuple[int, ...], scheduled: bool) -> None:
+    """Give ``module`` its ``w_rec`` gate; under a gate schedule it starts frozen: ``w_rec = 0``
+    and a ``rec_coupling`` buffer (0) that multiplies it, so its gradient is exactly 0 too.
+
+    The buffer is part of the state dict (a checkpoint taken mid-ramp resumes exactly); without a
+    schedule there is none, and checkpoints keep their keys.
+    """
+    module.w_rec = nn.Parameter(torch.full(shape, 0.0 if scheduled else W_REC_INIT))
+    if scheduled:
+        module.register_buffer("rec_coupling", torch.zeros(()))
+    else:
+        module.rec_coupling = None
+
+
+def coupled_w_rec(module: nn.Module) -> torch.Tensor:
+    """The reciprocal gain the forward pass applies: ``w_rec``, times the coupling if scheduled."""
+    return module.w_rec if module.rec_coupling is None else module.w_rec * module.rec_coupling
+
+
+def scheduled_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose reciprocal gates a schedule drives (those with a ``rec_coupling``)."""
+    return [m for m in model.modules() if getattr(m, "rec_coupling", None) is not None]
+
+
+@torch.no_grad()
+def set_reciprocal_coupling(model: nn.Module, coupling: float, *, open_at: float | None = None) -> None:
+    """Set every scheduled module's coupling; ``open_at`` also sets ``w_rec`` to that value
+    (the gates' opening: from then on they train)."""
+    for m in scheduled_modules(model):
+        m.rec_coupling.fill_(coupling)
+        if open_at is not None:
+            m.w_rec.fill_(open_at)

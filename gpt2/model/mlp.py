@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2.model.config import GPTConfig
+from gpt2.model.gates import add_reciprocal_gate, coupled_w_rec
 
 
 class MLP(nn.Module):
@@ -48,7 +49,7 @@ class ReciprocalMLP(nn.Module):
         self.down.residual_projection = True  # read by GPT._init_weights
         self.dropout = nn.Dropout(config.dropout)
         self.w_std = nn.Parameter(torch.tensor(0.9))
-        self.w_rec = nn.Parameter(torch.tensor(0.1))
+        add_reciprocal_gate(self, (), scheduled=config.gate_schedule != "none")
         if config.rmlp_mixer:
             # Plain parameters rather than nn.Linear, so GPT's N(0, 0.02) init leaves the identity alone.
             self.mixer_weight = nn.Parameter(torch.eye(rank))
@@ -59,7 +60,8 @@ class ReciprocalMLP(nn.Module):
 
     def column_scale(self) -> torch.Tensor:
         """(width,) gains of the hidden channels: w_std on the standard ones, w_rec·α on the low ones."""
-        low = self.w_rec if self.gate_alpha is None else self.w_rec * self.gate_alpha
+        w_rec = coupled_w_rec(self)
+        low = w_rec if self.gate_alpha is None else w_rec * self.gate_alpha
         return torch.cat([self.w_std.expand(self.d_std), low.expand(self.rank)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +89,8 @@ class ReciprocalMLP(nn.Module):
     def gates(self) -> dict[str, torch.Tensor]:
         """Learned gate values by name (0-dim tensors), for gate statistics."""
         out = {"mlp_w_std": self.w_std, "mlp_w_rec": self.w_rec}
+        if self.rec_coupling is not None:
+            out["mlp_rec_coupling"] = self.rec_coupling
         if self.gate_alpha is not None:
             out["mlp_gate_alpha"] = self.gate_alpha
         return out

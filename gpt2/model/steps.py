@@ -32,10 +32,24 @@ BASE: dict[str, Any] = dict(
     rmlp_rank=64,
     rmlp_mixer=False,
     rmlp_gates=False,
+    gate_schedule="none",
+    kv_keep=0.382,
+    kv_recent=0.0625,
+    kv_learned=False,
+    kv_v_rank=0,
 )
+# The "golden ratio" R-MLP split: 1152 of GPT-2's 3072 hidden channels reciprocal (1920:1152);
+# other widths keep the share. An override, resolved against the model's width by apply_step.
+GOLDEN_RMLP_SHARE = 1152 / 3072
 
 _RA = dict(attention="unified_ra")
 _RMLP = dict(attention="unified_ra", mlp="reciprocal")
+_RMLP_ONLY = dict(mlp="reciprocal")  # standard attention, reciprocal MLP
+_GOLDEN = dict(mlp="reciprocal", rmlp_share=GOLDEN_RMLP_SHARE)
+_DELAYED = dict(gate_schedule="delayed")
+_VARIANCE = dict(gate_schedule="variance")
+_KV = dict(attention="kv_pruned")
+_V19 = dict(attention="v_pruned")
 
 _STEPS = (
     Step("V0", "baseline GPT-2, standard SDPA attention (control)"),
@@ -55,6 +69,26 @@ _STEPS = (
     Step(
         "V10", "Unified RA R=4 + self-restart + 6x MLP", {**_RA, "self_restart": True, "mlp_expansion": 6.0}
     ),
+    Step("V11", "baseline attention + R-MLP (R_ff=64), gates delayed", {**_RMLP_ONLY, **_DELAYED}),
+    Step("V12", "Unified RA R=4, gates delayed", {**_RA, **_DELAYED}),
+    Step("V13", "baseline attention + golden R-MLP (1920:1152), gates delayed", {**_GOLDEN, **_DELAYED}),
+    Step("V14", "V11 + KV pruning (k=0.382 T, recent 64)", {**_RMLP_ONLY, **_DELAYED, **_KV}),
+    Step(
+        "V15",
+        "V13 + KV pruning with a learned keep ratio (init 0.382)",
+        {**_GOLDEN, **_DELAYED, **_KV, "kv_learned": True},
+    ),
+    Step("V16", "Unified RA R=4, per-head gates, variance-guided", {**_RA, **_VARIANCE}),
+    Step("V17", "R-MLP (R_ff=64) + KV pruning, variance-guided, no RA", {**_RMLP_ONLY, **_VARIANCE, **_KV}),
+    Step(
+        "V18",
+        "golden R-MLP + learned KV pruning, variance-guided, no RA",
+        {**_GOLDEN, **_VARIANCE, **_KV, "kv_learned": True},
+    ),
+    Step("V19", "baseline + V-only KV pruning (keep 0.382, recent 64)", {**_V19}),
+    Step("C1", "V19 + V compressed to 32 dims per head", {**_V19, "kv_v_rank": 32}),
+    Step("C2", "V19 + V compressed to 16 dims per head", {**_V19, "kv_v_rank": 16}),
+    Step("C3", "V19 + V compressed to 8 dims per head", {**_V19, "kv_v_rank": 8}),
 )
 STEPS: dict[str, Step] = {s.name: s for s in _STEPS}
 
@@ -82,23 +116,33 @@ def parse_steps(text: str) -> list[str]:
 
 def apply_step(config: GPTConfig, name: str) -> GPTConfig:
     """A copy of ``config`` with step ``name``'s architecture (shapes and other fields kept)."""
-    return replace(config, **{**BASE, **get_step(name).overrides})
+    overrides = {**BASE, **get_step(name).overrides}
+    share = overrides.pop("rmlp_share", None)
+    built = replace(config, **overrides)
+    return built if share is None else replace(built, rmlp_rank=round(share * built.mlp_width))
 
 
 def format_steps_table() -> str:
     """The V-step table as Markdown, generated from the registry (``--list-steps``)."""
     rows = [
-        "| step | attention | R | self-restart | MLP | R_ff | mixer | gate alpha | expansion | description |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| step | attention | R | self-restart | MLP | R_ff | mixer | gate alpha | expansion | gates | "
+        "KV keep | description |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for step in _STEPS:
-        c = apply_step(GPTConfig(), step.name)
+        c = apply_step(GPTConfig(), step.name)  # GPT-2 124M shapes
         ra = c.attention == "unified_ra"
         rmlp = c.mlp == "reciprocal"
+        kv = c.attention in ("kv_pruned", "v_pruned")
+        recent = round(c.kv_recent * c.block_size)
+        keep = f"{round(c.kv_keep * c.block_size)}{' learned' if c.kv_learned else ''} + {recent}"
+        if kv and c.kv_v_rank:
+            keep += f", V to {c.kv_v_rank}"
         yes = lambda flag: "yes" if flag else "-"
         rows.append(
             f"| {step.name} | {c.attention} | {c.ra_rank if ra else '-'} | {yes(c.self_restart)} | {c.mlp} | "
             f"{c.rmlp_rank if rmlp else '-'} | {yes(c.rmlp_mixer)} | {yes(c.rmlp_gates)} | "
-            f"{c.mlp_expansion:g}x | {step.description} |"
+            f"{c.mlp_expansion:g}x | {c.gate_schedule if c.has_reciprocal_gates else '-'} | "
+            f"{keep if kv else '-'} | {step.description} |"
         )
     return "\n".join(rows)

@@ -24,8 +24,15 @@ class Extension:
     def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Right after the optimizer step (e.g. re-apply pruning masks)."""
 
+    def on_step_loss(self, step: int, loss: torch.Tensor) -> None:
+        """Step ``step``'s mean loss, still on the device (reading it back costs a sync)."""
+
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """After step ``step`` (1-based count of completed steps) finished."""
+
+    def pop_events(self) -> list[dict[str, Any]]:
+        """Records for metrics.jsonl and the trackers since the last call (each with its "step")."""
+        return []
 
     def on_time_budget(self, fraction: float) -> None:
         """After each step of a ``--max-time`` run: the fraction of the training-time budget used."""

@@ -359,8 +359,7 @@ class Trainer:
             st.step += 1
             window.add(out.loss, out.applied)
             self._tell_budget()
-            for ext in self.extensions:
-                ext.on_step_end(st.step, self.model, self.optimizer)
+            self._extensions_step_end(out.loss, metrics, trackers)
             self.console.advance()
             faults.point("step_end")
             save_due = c.output.save_checkpoint and st.step % c.output.checkpoint_interval == 0
@@ -375,6 +374,19 @@ class Trainer:
                 with window.paused(), self.clock.paused():
                     self.save()
         return "max_iters"
+
+    def _extensions_step_end(self, loss: torch.Tensor, metrics: Any, trackers: Trackers) -> None:
+        """The extensions' end-of-step hooks, and the events they report."""
+        st = self.state
+        for ext in self.extensions:
+            ext.on_step_loss(st.step, loss)
+            ext.on_step_end(st.step, self.model, self.optimizer)
+            for event in ext.pop_events():
+                metrics.write(event)
+                trackers.log(
+                    {k: v for k, v in event.items() if isinstance(v, int | float)}, step=event["step"]
+                )
+                self.say(f"step {event['step']}: {event['event']}")
 
     def _tell_budget(self) -> None:
         """Under --max-time, the used fraction of the budget after this step, for the extensions.

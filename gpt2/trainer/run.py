@@ -16,6 +16,10 @@ def extensions_for(cfg: RunConfig) -> list[Extension]:
         from gpt2.trainer.extensions.unified_ra import UnifiedRAExtension
 
         exts.append(UnifiedRAExtension.from_config(cfg))
+        if cfg.gpt_config().gate_schedule != "none":
+            from gpt2.trainer.extensions.gate_schedule import GateSchedule
+
+            exts.append(GateSchedule.from_config(cfg))
     if cfg.pruning.pruning_method != "none":
         from gpt2.trainer.extensions.pruning import PruningExtension
 

@@ -73,7 +73,7 @@ def plot_gate_history(metrics_path: Path, png_path: Path) -> Path | None:
         return None
     groups = {
         title: [f for f in families if f.startswith(prefix)]
-        for prefix, title in (("attn_", "attention gates"), ("mlp_", "R-MLP gates"))
+        for prefix, title in (("attn_", "attention gates"), ("mlp_", "R-MLP gates"), ("kv_", "KV keep ratio"))
     }
     groups = {title: fams for title, fams in groups.items() if fams}
     try:
@@ -82,6 +82,7 @@ def plot_gate_history(metrics_path: Path, png_path: Path) -> Path | None:
     except ImportError:
         print("warning: matplotlib is not installed; no gate plot (pip install matplotlib)", file=sys.stderr)
         return None
+    opened = [r["step"] for r in read_metrics(metrics_path) if r.get("event") == "gates_opened"]
     fig = Figure(figsize=(6.0 * len(groups), 3.5), layout="constrained")
     FigureCanvasAgg(fig)  # Agg directly: no pyplot, no global backend state
     fig.subplots(1, len(groups), squeeze=False)
@@ -92,6 +93,8 @@ def plot_gate_history(metrics_path: Path, png_path: Path) -> Path | None:
             (line,) = ax.plot(steps, [r[f"gates/{fam}_mean"] for r in rows], label=fam)
             low, high = [r[f"gates/{fam}_min"] for r in rows], [r[f"gates/{fam}_max"] for r in rows]
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        for step in opened:  # a gate schedule opened the reciprocal gates here
+            ax.axvline(step, color="black", linestyle="--", linewidth=1, label=f"gates opened (step {step})")
         ax.set_title(f"{title} (mean, min-max over layers and heads)")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
