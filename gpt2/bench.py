@@ -71,6 +71,12 @@ CASES: dict[str, dict[str, Any]] = {
     "V3": dict(architecture="unified-ra", ra_step="V3"),  # + R-MLP
     "V6": dict(architecture="unified-ra", ra_step="V6"),  # every mechanism
     "V1-cudnn": dict(architecture="unified-ra", ra_step="V1", sdpa_backend="cudnn"),
+    "V12": dict(architecture="unified-ra", ra_step="V12"),  # + a gate schedule (frozen gates)
+    "V14": dict(architecture="unified-ra", ra_step="V14"),  # KV pruning, masked scores
+    "V14-gather": dict(architecture="unified-ra", ra_step="V14", kv_gather=True),  # ... gathered keys
+    "V15": dict(architecture="unified-ra", ra_step="V15"),  # learned keep ratio
+    "V19": dict(architecture="unified-ra", ra_step="V19"),  # V-only pruning
+    "C3": dict(architecture="unified-ra", ra_step="C3"),  # + V compressed to 8 dims
     "adamwspam": dict(optimizer="adamwspam"),  # the command line's defaults: resets, no clipping
     "adamwspam-clip": dict(optimizer="adamwspam", spam_enable_clip=True),
     "bitter7": dict(optimizer="adamwprune", adamwprune_variant="bitter7", pruning_method="state"),

@@ -118,6 +118,11 @@ class ModelSection:
     gate_ramp_steps: int = opt(
         200, "variance gate schedule: steps of the linear coupling ramp after opening", rule=AT_LEAST_ONE
     )
+    kv_gather: bool = opt(
+        False,
+        "KV-pruning steps with a fixed keep count (V14, V17): gather each query's kept keys instead "
+        "of masking the full score matrix (the same result; see the README for which is faster)",
+    )
     compile: bool = opt(False, "torch.compile the model")
     compile_mode: str = opt(
         "default",
@@ -442,6 +447,8 @@ class RunConfig:
             built = replace(built, ra_per_head_gates=m.ra_gates == "per-head")
         if m.gate_schedule is not None and built.has_reciprocal_gates:
             built = replace(built, gate_schedule=m.gate_schedule)
+        if m.kv_gather and built.attention == "kv_pruned" and not built.kv_learned:
+            built = replace(built, kv_gather=True)
         return built
 
     def to_dict(self) -> dict[str, Any]:
@@ -673,7 +680,7 @@ def _validate_ra(cfg: RunConfig) -> None:
     if m.architecture != "unified-ra":
         _check("ra_gates" not in cfg.explicit, "--ra-gates needs --architecture unified-ra")
         _check(not a.ablation_mode, "--ablation-mode needs --architecture unified-ra")
-        gate = sorted(k for k in cfg.explicit if k.startswith("gate_"))
+        gate = sorted(k for k in cfg.explicit if k.startswith("gate_") or k == "kv_gather")
         _check(not gate, f"--{gate[0].replace('_', '-') if gate else ''} needs --architecture unified-ra")
     _check(
         a.ablation_mode or a.ablate or a.ablation_seeds == 1,

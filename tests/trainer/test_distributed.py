@@ -228,6 +228,32 @@ def test_ablation_mode_under_torchrun(tiny_flags, tmp_path) -> None:
     assert [r["status"] for r in summary["runs"]] == ["done", "done"]
 
 
+@pytest.mark.slow
+def test_gate_schedules_and_kv_pruning_under_torchrun(tiny_flags, tmp_path) -> None:
+    """V12 (delayed), V14 (KV pruning, delayed), V16 (variance-guided: the ranks decide on their
+    mean losses, so at the same step) and V19 train under DDP and open their gates when the rule says."""
+    flags = dict(
+        _flags(tiny_flags, tmp_path / "abl"),
+        architecture="unified-ra",
+        ablation_mode=True,
+        ablation_steps="V12,V14,V16,V19",
+        max_iters=6,
+        gate_delay_steps=2,
+        gate_variance_start=2,
+        gate_variance_every=2,
+        gate_variance_window=2,
+        gate_variance_threshold=1e9,
+        gate_ramp_steps=2,
+    )
+    flags.pop("checkpoint_interval")
+    _torchrun(flags)
+    summary = json.loads((tmp_path / "abl" / "ablation_summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["done"] * 4
+    for step, opened in (("V12", 2), ("V14", 2), ("V16", 2)):
+        results = json.loads((tmp_path / "abl" / step / "results.json").read_text())
+        assert results["gates_opened_at"] == opened, step
+
+
 def test_ddp_resume_restores_each_ranks_dropout_stream(tiny_flags, tmp_path) -> None:
     """With dropout, a resumed 2-rank run ends with the uninterrupted run's weights: every rank
     gets its own RNG state back (not rank 0's copied to all)."""
