@@ -5,6 +5,9 @@ them to :class:`torch.optim.AdamW`, whose (fused or foreach) update does the Ada
 with every SPAM feature off it *is* ``torch.optim.AdamW``. Per call of :meth:`step`, with
 ``t`` the 1-based count of optimizer steps (the one counter; each step counts once):
 
+Steps 1 and 2 see the raw gradients: the trainer calls :meth:`prepare_gradients` before its
+global gradient-norm clip, as the reference orders them (:meth:`step` runs them itself otherwise).
+
 1. spike-aware clipping (``enable_clip``): every gradient element with
    ``|g| > sqrt(theta·(v + 1e-12))`` becomes ``sign(g)·sqrt(theta·(v + 1e-12))``, ``v`` being
    the second moment after the previous step (no clipping before the first step);
@@ -153,6 +156,7 @@ class AdamWSPAM(torch.optim.AdamW):
         self._skipped: Tensor | None = None
         self._unsure = False
         self._pending_reset: int | None = None
+        self._prepared = False  # prepare_gradients ran for the coming step
 
     @property
     def skips_on_device(self) -> bool:
@@ -168,12 +172,10 @@ class AdamWSPAM(torch.optim.AdamW):
                 loss = closure()
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         s = self.spam
-        self._settle(s["step"] + 1)
+        if not self._prepared:
+            self.prepare_gradients()
+        self._prepared = False
         t = s["step"] + 1  # exact, or an upper bound while skips are not read back (then no event is due)
-        if self.enable_clip and t >= 2:  # (a skipped first call leaves v = 0: no clipping against it)
-            self._clip_spikes()
-        if self.spike_detection:
-            self._detect_spike()
         if self.interval > 0 and t % self.interval == 0:
             if found_inf is None:
                 self.reset_moments()
@@ -202,6 +204,21 @@ class AdamWSPAM(torch.optim.AdamW):
             self._skipped.add_(found_inf)
             self._unsure = True
         return loss
+
+    def prepare_gradients(self) -> None:
+        """SPAM's gradient steps 1-2: spike clipping, then spike detection, on the raw gradients.
+
+        The reference runs them before the global gradient-norm clip, so the trainer calls this
+        after unscaling and before clipping (:class:`~gpt2.trainer.step.TrainStep`); :meth:`step`
+        calls it itself when nobody did.
+        """
+        self._settle(self.spam["step"] + 1)
+        t = self.spam["step"] + 1
+        if self.enable_clip and t >= 2:  # (a skipped first call leaves v = 0: no clipping against it)
+            self._clip_spikes()
+        if self.spike_detection:
+            self._detect_spike()
+        self._prepared = True
 
     def _settle(self, t_next: int, force: bool = False) -> None:
         """Read the device's skip count back when an event may be due at ``t_next`` (or ``force``)."""

@@ -111,6 +111,9 @@ class TrainStep:
         for ext in self.extensions:
             ext.before_optimizer_step(self.model, self.optimizer)
         self.scaler.unscale_(self.optimizer)
+        prepare = getattr(self.optimizer, "prepare_gradients", None)
+        if prepare is not None:  # e.g. SPAM's spike clipping and detection, on the unclipped gradients
+            prepare()
         grads = [p.grad for p in self._params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         full_norm = (

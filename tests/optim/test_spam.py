@@ -226,3 +226,31 @@ def test_compiled_clipping_equals_the_eager_form_and_compiles_once():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     unclipped = train(enable_clip=False)  # the spikes at steps 3 and 5 were clipped
     assert not torch.allclose(eager[0], unclipped[0], rtol=1e-3)
+
+
+def test_spike_clipping_and_detection_see_the_gradients_before_the_global_clip():
+    """Reference order (spec §6.2): spike clip, spike detection, then the global norm clip; the
+    detector's norms are therefore the raw ones, not norms capped at --grad-clip (1.0 here)."""
+    from gpt2.trainer.step import TrainStep
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = AdamWSPAM(model.parameters(), lr=1e-3, interval=0, spike_detection=True)
+    step = TrainStep(
+        model, opt, device=torch.device("cpu"), dtype=torch.float32, accumulation=1, grad_clip=1.0
+    )
+    step.forward_model = _ScaledLoss(model, 1000.0)
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        out = step(lambda: (x, x), lr=1e-3)
+    assert min(opt.spam["norms"]) > 10.0, opt.spam["norms"]
+    assert float(out.grad_norm) > 10.0  # the trainer logs the same unclipped norm
+
+
+class _ScaledLoss(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, scale: float) -> None:
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x, y):
+        return ((self.model(x) - y) ** 2).mean() * self.scale
