@@ -386,7 +386,9 @@ class Trainer:
                 trackers.log(
                     {k: v for k, v in event.items() if isinstance(v, int | float)}, step=event["step"]
                 )
-                self.say(f"step {event['step']}: {event['event']}")
+                self.say(
+                    f"step {event['step']}: " + ", ".join(f"{k} {v}" for k, v in event.items() if k != "step")
+                )
 
     def _tell_budget(self) -> None:
         """Under --max-time, the used fraction of the budget after this step, for the extensions.

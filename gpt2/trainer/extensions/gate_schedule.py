@@ -79,6 +79,8 @@ class GateSchedule(Extension):
                 self._open(step, model, coupling=1.0, variance=None)
             elif variance is not None and variance < self.threshold:
                 self._open(step, model, coupling=min(1.0, 1 / self.ramp), variance=variance)
+            elif variance is not None:  # a check that kept them closed: its variance is worth a record
+                self._events.append({"step": step, "event": "gates_checked", "loss_variance": variance})
         elif self.kind == "variance" and step - self.opened_at < self.ramp:
             set_reciprocal_coupling(model, min(1.0, (step + 1 - self.opened_at) / self.ramp))
 
