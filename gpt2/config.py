@@ -27,7 +27,7 @@ VANILLA_STEP = "V0"  # --architecture vanilla builds exactly this step's model
 RA_GATES = ("per-head", "per-layer")
 GATE_SCHEDULES = ("none", "delayed", "variance")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune", "muon")
 PRUNING_METHODS = ("none", "magnitude", "movement", "state")
 PRUNING_RAMP_FRACTION = 0.8  # default ramp end, as a fraction of --max-iters
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -206,6 +206,13 @@ class OptimSection:
     beta2: float | None = opt(None, "Adam beta2 (default 0.999; tiny preset 0.99)", rule=FRACTION)
     grad_clip: float = opt(
         1.0, "clip the global gradient norm to this value; 0 turns clipping off", rule=NON_NEGATIVE
+    )
+    muon_momentum: float = opt(0.95, "Muon: momentum of the blocks' matrices (Nesterov)", rule=FRACTION)
+    muon_ns_dtype: str = opt(
+        "auto",
+        "Muon: precision of the Newton-Schulz iteration; auto = bfloat16 on CUDA and on CPUs with AMX, "
+        "float32 elsewhere (where bf16 matmuls are slower)",
+        choices=("auto", "float32", "bfloat16"),
     )
     spam_theta: float = opt(
         50.0, "AdamWSPAM: spike clipping strength theta (SPAM paper: 5000)", rule=POSITIVE
@@ -638,6 +645,15 @@ def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
             f"--spam-warmup-steps ({o.spam_warmup_steps}) >= --spam-interval ({o.spam_interval}): each reset "
             "comes before the re-warmup ends, so the LR stays in re-warmup for the whole run"
         )
+    muon_flags = sorted(n for n in given if n.startswith("muon_"))
+    _check(
+        o.optimizer == "muon" or not muon_flags,
+        f"--{muon_flags[0].replace('_', '-') if muon_flags else ''} needs --optimizer muon",
+    )
+    _check(
+        o.optimizer != "muon" or cfg.dist.parallel != "fsdp",
+        "--optimizer muon orthogonalises whole matrices, which FSDP shards: use --parallel ddp",
+    )
     prune_flags = sorted(n for n in given if n.startswith("adamwprune_"))
     _check(
         o.optimizer == "adamwprune" or not prune_flags,

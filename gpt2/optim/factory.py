@@ -96,12 +96,57 @@ def _adamwprune(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.opt
     )
 
 
+def muon_ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Muon's Newton-Schulz precision: ``auto`` is bf16 where its matmuls are fast (CUDA, AMX CPUs)."""
+    if name != "auto":
+        return getattr(torch, name)
+    from gpt2.runtime import cpu_has_native_bf16
+
+    return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
+
+
+def muon_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(Muon's, AdamW's): the blocks' 2-D weights, and everything else (embeddings and the head
+    tied to them, LayerNorms, biases, gates)."""
+    muon, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if p.dim() == 2 and name.startswith("transformer.h.") else rest).append(p)
+    return muon, rest
+
+
+def _muon(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
+    from gpt2.optim.muon import Muon, MuonWithAdamW
+
+    matrices, rest = muon_params(model)
+    device = next(model.parameters()).device
+    muon = Muon(
+        matrices,
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.muon_momentum,
+        adjust_lr_fn="match_rms_adamw",
+        ns_dtype=muon_ns_dtype(cfg.muon_ns_dtype, device),
+    )
+    decay = [p for p in rest if p.dim() >= 2]
+    no_decay = [p for p in rest if p.dim() < 2]
+    adamw = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+        fused=_fused_ok(model),
+    )
+    return MuonWithAdamW(muon, adamw)
+
+
 OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSection, bool], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamwspam": _adamwspam,
     "adamwprune": _adamwprune,
     "adam": _adam,
     "sgd": _sgd,
+    "muon": _muon,
 }
 
 
