@@ -2,7 +2,12 @@
 
 Times the real training step (:class:`gpt2.trainer.step.TrainStep`, built by the real
 :class:`~gpt2.trainer.loop.Trainer`) on random tokens, one fresh process per case so peak
-memory and warm-up are measured cleanly, and reports each case as a ratio to the first.
+memory and warm-up are measured cleanly, and reports each case as a ratio to the first and to
+the ``reference`` case: what nanoGPT computes (the plain model, full logits, ``F.cross_entropy``,
+foreach AdamW, glibc's default allocator), timed in the same call on the same machine. So every
+ratio comes from one run; figures published from other machines are shown, labelled, never
+divided by. The call also measures this machine's GEMM ceiling (fp32, and bf16 where it is
+native) and reports each case's achieved FLOP rate as a fraction of it.
 Writes ``bench.json`` and ``bench.md`` to ``--out`` (default ``$OUT`` or ``./bench``).
 """
 
@@ -62,6 +67,7 @@ ANCHORS: dict[str, list[Anchor]] = {
 # What each case changes on top of the preset: every architecture, V-series mechanism, optimizer
 # and pruning method. A case whose capability is not built is skipped.
 CASES: dict[str, dict[str, Any]] = {
+    "reference": {},  # nanoGPT's computation on the preset's model (see _reference_step)
     "vanilla": {},
     "vanilla-ref": dict(bias=True, dropout=0.1),  # the GPT-2 preset's (and earlier system's) defaults
     "vanilla-cudnn": dict(sdpa_backend="cudnn"),  # cuDNN attention instead of PyTorch's flash-first order
@@ -84,7 +90,7 @@ CASES: dict[str, dict[str, Any]] = {
     "movement": dict(pruning_method="movement"),
 }
 # ``--cases core``: the rows the GPU issue's targets are stated for.
-CORE = ("vanilla", "V0", "V1", "adamwspam", "bitter7", "vanilla-cudnn")
+CORE = ("reference", "vanilla", "V0", "V1", "adamwspam", "bitter7", "vanilla-cudnn")
 
 
 def _worker(
@@ -115,6 +121,8 @@ def _worker(
     values = {**PRESETS[preset], **CASES[name], **extra, "device": device, "quiet": True}
     if dtype:
         values["dtype"] = dtype
+    if name == "reference":
+        return _reference_worker(case, resolve(values), steps, warmup)
     try:  # a case this machine cannot run (e.g. a CUDA-only kernel on CPU) is a row saying why
         cfg = resolve(values)
         t0 = time.perf_counter()
@@ -191,6 +199,7 @@ def _worker(
         "pruning_frequency": cfg.pruning.pruning_frequency,
         "final_loss": float(loss),
         "n_params": trainer.n_params,
+        "flops_per_token": _flops_per_token(g, trainer.n_params),
         "tokens_per_step": tokens,
         "dtype": str(trainer.dtype).replace("torch.", ""),
         "device": str(trainer.device),
@@ -198,6 +207,112 @@ def _worker(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+
+
+def _reference_worker(case: str, cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
+    """What nanoGPT's train.py computes per step, on the preset's model, timed like the other cases.
+
+    The same GPT-2 (its blocks), but the whole (B, T, vocab) logits and ``F.cross_entropy``, AdamW
+    with its default implementation (nanoGPT asks for fused on CUDA only), global-norm clipping
+    at 1.0, bf16 autocast where the preset asks for it, and glibc's allocator left as it is: this
+    process never calls :func:`gpt2.runtime.configure_process`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from gpt2.model import GPT
+    from gpt2.runtime import peak_memory_bytes, resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.train.device)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    torch.manual_seed(0)
+    model = GPT(cfg.gpt_config()).to(device)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.learning_rate, weight_decay=0.1, fused=device.type == "cuda"
+    )
+    g = cfg.gpt_config()
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randint(0, g.vocab_size, (cfg.data.batch_size, g.block_size + 1), generator=gen).to(device)
+    x, y = b[:, :-1].contiguous(), b[:, 1:].contiguous()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    use_autocast = dtype != torch.float32
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+            logits = model.lm_head(model.hidden_states(x))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - t)
+    ms = 1000 * statistics.median(times)
+    tokens = cfg.data.batch_size * g.block_size
+    n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return {
+        "case": case,
+        "ms_per_step": ms,
+        "ms_per_step_mean": 1000 * statistics.fmean(times),
+        "tokens_per_s": tokens / (ms / 1000),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "warmup_s": warmup_s,
+        "final_loss": float(loss),
+        "n_params": n_params,
+        "flops_per_token": _flops_per_token(g, n_params),
+        "tokens_per_step": tokens,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def _flops_per_token(config: Any, n_params: int) -> float:
+    from gpt2.track.perf import flops_per_token
+
+    return flops_per_token(config, n_params)
+
+
+def _gemm_worker(device_name: str) -> dict[str, Any]:
+    """This machine's matmul ceiling: the best of a few (n x n) @ (n x n) products, in GFLOP/s,
+    for fp32 and, where bf16 is native (CUDA, AMX), bf16. Threads as the training cases use them."""
+    import torch
+
+    from gpt2.runtime import configure_process, cpu_has_native_bf16, resolve_device
+
+    configure_process()
+    device = resolve_device(device_name)
+    n = 8192 if device.type == "cuda" else 2048
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" or cpu_has_native_bf16() else [])
+    out: dict[str, Any] = {"case": "gemm", "n": n, "device": str(device)}
+    for dt in dtypes:
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        best = float("inf")
+        for _ in range(5):
+            sync()
+            t = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - t)
+        out[str(dt).replace("torch.", "")] = 2 * n**3 / best / 1e9
+    return out
 
 
 def _profile(folder: Path, case: str, step: Any, sync: Any, cuda: bool) -> None:
@@ -215,54 +330,83 @@ def _profile(folder: Path, case: str, step: Any, sync: Any, cuda: bool) -> None:
     prof.export_chrome_trace(str(folder / f"trace_{name}.json.gz"))  # gzip: GPU traces run to 10s of MB
 
 
-def _table(preset: str, rows: list[dict[str, Any]]) -> str:
-    """Markdown: the published anchors, then our rows, each with ratios to our first row and nanoGPT."""
+def _table(preset: str, rows: list[dict[str, Any]], gemm: dict[str, Any] | None = None) -> str:
+    """Markdown: this machine's GEMM ceiling, our rows with ratios to the first row and to the
+    reference case (both from this run), then figures published from other machines, labelled."""
     w = PRESETS[preset]
-    tokens = w["batch_size"] * w["block_size"] * w["gradient_accumulation"]
-    nano = ANCHORS[preset][0].ms_per_step
-    base = next((r for r in rows if "ms_per_step" in r), None)
-    lines = [
-        f"Preset `{preset}`: {json.dumps(w)}",
-        "",
-        "| case | dtype | ms/step | tokens/s | vs first | vs nanoGPT | MFU | peak memory | warm-up "
-        "| optimizer step | optimizer state | mask update |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    measured = [r for r in rows if "ms_per_step" in r]
+    base = measured[0] if measured else None
+    ref = next((r for r in measured if r["case"].partition(":")[0] == "reference"), None)
+    lines = [f"Preset `{preset}`: {json.dumps(w)}", ""]
+    if gemm:
+        ceilings = ", ".join(f"{k} {gemm[k]:,.0f} GFLOP/s" for k in ("float32", "bfloat16") if k in gemm)
+        lines += [f"GEMM ceiling here ({gemm['n']}x{gemm['n']} matmul, best of 5): {ceilings}.", ""]
+    lines += [
+        "| case | dtype | ms/step | tokens/s | vs first | vs reference | GFLOP/s | of GEMM ceiling | MFU "
+        "| peak memory | warm-up | optimizer step | optimizer state | mask update |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for a in ANCHORS[preset]:
-        mfu = f"{100 * a.mfu:.1f}%" if a.mfu else "-"
-        warm = f"{a.warmup_s:.0f} s" if a.warmup_s else "-"
-        tps = tokens / a.ms_per_step * 1000
-        lines.append(
-            f"| {a.name}, published | {w['dtype']} | {a.ms_per_step:.1f} | {tps:,.0f} "
-            f"| - | {nano / a.ms_per_step:.2f}x | {mfu} | {a.peak_mib:,.0f} MiB | {warm} | | | |"
-        )
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['case']} | | skipped: {r['skipped']} | | | | | | | | | |")
+            lines.append(f"| {r['case']} | | skipped: {r['skipped']} |" + " |" * 11)
             continue
-        upd = "-"
-        if r.get("mask_update_ms") is not None:  # and the step time averaged over one update period
-            every = r["pruning_frequency"]
-            averaged = (r["ms_per_step"] + r["mask_update_ms"] / every) / base["ms_per_step"]
-            upd = f"{r['mask_update_ms']:.1f} ms; with one per {every} steps {averaged:.3f}x first's step"
-        m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-        ms = r["ms_per_step"]
-        spread = [v for v in r.get("round_ms", []) if v is not None]
-        rounds = f" ({min(spread):.1f}-{max(spread):.1f})" if len(spread) > 1 else ""
-        lines.append(
-            f"| {r['case']} | {r['dtype']} | {ms:.1f}{rounds} | {r['tokens_per_s']:,.0f} | "
-            f"{base['ms_per_step'] / ms:.3f}x | {nano / ms:.2f}x | {m} | "
-            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s | "
-            f"{r['optimizer_ms']:.2f} ms | "
-            f"{r['optimizer_state_bytes_per_param']:.2f} B/param | {upd} |"
-        )
+        lines.append(_row(r, base, ref, gemm))
     lines += [
         "",
-        "vs first, vs nanoGPT: throughput ratios (higher is faster); with --rounds, ms/step is the "
-        "median round's, the range in brackets every round's. Published rows are the figures "
-        "measured in the issues, not this run.",
+        "vs first, vs reference: throughput ratios (higher is faster), from this run. `reference` is "
+        "nanoGPT's computation (full logits, F.cross_entropy, foreach AdamW, glibc's default "
+        "allocator) on the same model. GFLOP/s: (6N + 12LCT) FLOPs per token x tokens/s; of GEMM "
+        "ceiling: that over this machine's matmul rate in the case's dtype. With --rounds, ms/step "
+        "is the median round's, the range in brackets every round's.",
+        "",
+        "Published elsewhere (other machines: shown, never divided by):",
+        "",
     ]
+    for a in ANCHORS[preset]:
+        lines.append(f"- {a.name}: {a.ms_per_step:.1f} ms/step, {a.peak_mib:,.0f} MiB peak")
     return "\n".join(lines)
+
+
+def _row(r: dict[str, Any], base: dict[str, Any] | None, ref: dict[str, Any] | None, gemm: Any) -> str:
+    ms = r["ms_per_step"]
+    upd = "-"
+    if r.get("mask_update_ms") is not None and base is not None:  # the step averaged over one period
+        every = r["pruning_frequency"]
+        averaged = (ms + r["mask_update_ms"] / every) / base["ms_per_step"]
+        upd = f"{r['mask_update_ms']:.1f} ms; with one per {every} steps {averaged:.3f}x first's step"
+    m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+    spread = [v for v in r.get("round_ms", []) if v is not None]
+    rounds = f" ({min(spread):.1f}-{max(spread):.1f})" if len(spread) > 1 else ""
+    vs_ref = f"{ref['ms_per_step'] / ms:.3f}x" if ref else "-"
+    rate = r["tokens_per_s"] * r["flops_per_token"] / 1e9 if r.get("flops_per_token") else None
+    ceiling = (gemm or {}).get(r["dtype"])
+    frac = f"{100 * rate / ceiling:.0f}%" if rate and ceiling else "-"
+    opt = f"{r['optimizer_ms']:.2f} ms" if r.get("optimizer_ms") is not None else "-"
+    state = r.get("optimizer_state_bytes_per_param")
+    return (
+        f"| {r['case']} | {r['dtype']} | {ms:.1f}{rounds} | {r['tokens_per_s']:,.0f} | "
+        f"{base['ms_per_step'] / ms:.3f}x | {vs_ref} | {f'{rate:,.1f}' if rate else '-'} | {frac} | {m} | "
+        f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB | {r['warmup_s']:.1f} s | {opt} | "
+        f"{f'{state:.2f} B/param' if state is not None else '-'} | {upd} |"
+    )
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and its vector extensions that matter here (AVX2, AVX-512, AMX)."""
+    name, flags = "cpu", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "cpu":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        import platform
+
+        return platform.processor() or "cpu"
+    have = [tag for f, tag in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX")) if f in flags]
+    return f"{name} [{', '.join(have) or 'no AVX2'}]"
 
 
 def _parse_value(raw: str) -> Any:
@@ -285,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--cases",
-        default="vanilla",
+        default="reference,vanilla",
         help=f"comma list of {', '.join(CASES)}; 'all', or 'core' ({', '.join(CORE)}); CASE:DTYPE "
         "(e.g. vanilla:bfloat16) overrides the preset's dtype for that case",
     )
@@ -348,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (10 if compiled else 3)
 
     out = Path(args.out)
+    if args.worker == "gemm":
+        print(json.dumps(_gemm_worker(args.device)))
+        return 0
     if args.worker:
         profile = out if args.profile else None
         print(json.dumps(_worker(preset, args.worker, steps, warmup, args.device, extra, profile)))
@@ -409,6 +556,21 @@ def _run_cases(
             row = case_runs[-1]
             print(f"{case}: {row.get('ms_per_step', row.get('skipped'))}", file=sys.stderr, flush=True)
             _write(out, preset, [_median_round(r) for r in runs if r], settings)
+    left = None if time_budget is None else time_budget - (time.monotonic() - start)
+    if left is None or left > 0:  # the machine's GEMM ceiling, last (it takes a few seconds)
+        device = worker_args[worker_args.index("--device") + 1]
+        settings["gemm"] = _gemm_ceiling(root, device, min(120.0, left) if left else 120.0)
+        _write(out, preset, [_median_round(r) for r in runs if r], settings)
+
+
+def _gemm_ceiling(root: Path, device: str, timeout: float) -> dict[str, Any] | None:
+    """The GEMM worker's figures (its own process, like a case), or None if it could not run."""
+    cmd = [sys.executable, "-m", "gpt2.bench", "--worker", "gemm", "--device", device]
+    try:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
 
 
 def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -448,7 +610,9 @@ def _write(out: Path, preset: str, rows: list[dict[str, Any]], settings: dict[st
     measured = next((r for r in rows if "ms_per_step" in r), {})
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     where = f"{measured.get('device_name', '?')}, torch {measured.get('torch', '?')}"
-    table = f"Measured {when} on {where}.\n\n" + _table(preset, rows)
+    if measured.get("device_name") == "cpu":
+        where = f"{_cpu_model()} ({measured.get('threads', '?')} threads), torch {measured.get('torch', '?')}"
+    table = f"Measured {when} on {where}.\n\n" + _table(preset, rows, settings.get("gemm"))
     (out / "bench.json").write_text(
         json.dumps({"preset": preset, "measured": when, **settings, "rows": rows}, indent=2)
     )
