@@ -19,6 +19,44 @@ from gpt2.model.gates import add_reciprocal_gate, coupled_w_rec
 SHORT_BF16_CPU = 256
 
 
+class KVCache:
+    """Every layer's keys and values of the positions seen so far, for generation: the prompt is
+    prefilled once, then each new token adds one position (buffers of ``capacity`` positions)."""
+
+    def __init__(self, n_layer: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0  # positions held (advanced by the model after its last layer)
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' (B, H, T, D) keys and values; returns all of them so far."""
+        end = self.length + k.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {end} asked")
+        if self.keys[layer] is None:
+            shape = (*k.shape[:-2], self.capacity, k.shape[-1])
+            self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
+        keys, values = self.keys[layer], self.values[layer]
+        assert keys is not None and values is not None
+        keys[..., self.length : end, :] = k
+        values[..., self.length : end, :] = v
+        return keys[..., :end, :], values[..., :end, :]
+
+
+def causal_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, offset: int
+) -> torch.Tensor:
+    """SDPA where query i sits at position ``offset + i`` of the keys (0: the usual causal case)."""
+    if offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if q.shape[-2] == 1:  # one new position sees every key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    i = torch.arange(q.shape[-2], device=q.device).view(-1, 1) + offset
+    mask = torch.arange(k.shape[-2], device=q.device).view(1, -1) <= i
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with one fused QKV projection and PyTorch SDPA.
 
@@ -42,27 +80,33 @@ class CausalSelfAttention(nn.Module):
         """(B, T, C) -> (B, T, 3C): the fused [q | k | v] projection."""
         return self.c_attn(x)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, D) queries, keys, values -> (B, H, T, D) causal attention output."""
+    supports_kv_cache = True  # generation may prefill once and then add one position per token
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(B, H, T, D) queries, (B, H, offset + T, D) keys and values -> (B, H, T, D) causal
+        attention output; ``offset`` cached positions come before the queries."""
         p = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] < SHORT_BF16_CPU:
             # torch's CPU flash-attention backward is 3-5x slower in bf16 than in fp32 for short
             # sequences (T=64: 5.2 vs 1.5 ms forward+backward incl. casts); from T=256 bf16 wins.
             with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), dropout_p=p, is_causal=True
-                )
+                out = causal_sdpa(q.float(), k.float(), v.float(), p, offset)
             return out.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return causal_sdpa(q, k, v, p, offset)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with ``cache``, the T positions follow the cached ones."""
         B, T, C = x.shape
         q, k, v = self.project(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        y = self.attend(q, k, v)
+        if cache is None:
+            y = self.attend(q, k, v)
+        else:
+            offset = cache.length
+            k, v = cache.extend(layer, k, v)
+            y = self.attend(q, k, v, offset)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -122,14 +166,15 @@ class UnifiedRAttention(CausalSelfAttention):
         bias = None if self.c_attn.bias is None else self.c_attn.bias * scale
         return F.linear(x, weight, bias)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> torch.Tensor:
         if not self.fold_gates(q.shape[0] * q.shape[2]):
             q = q * self.query_scale().view(1, self.n_head, 1, self.head_dim).to(q.dtype)
-        y = super().attend(q, k, v)
+        y = super().attend(q, k, v, offset)
         alpha = self.restart_alpha()
         if alpha is None:
             return y
-        return torch.lerp(y, v, alpha.view(1, -1, 1, 1).to(y.dtype))  # y + a·(v - y), one kernel
+        own = v[..., -q.shape[-2] :, :]  # each query's own value (the latest positions under a cache)
+        return torch.lerp(y, own, alpha.view(1, -1, 1, 1).to(y.dtype))  # y + a·(v - y), one kernel
 
     def gates(self) -> dict[str, torch.Tensor]:
         """Learned gate values by name ((H,) per head, 0-dim per layer), for gate statistics."""
@@ -185,7 +230,11 @@ class PrunedKVAttention(CausalSelfAttention):
         else:
             self.v_down = self.v_up = None
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    supports_kv_cache = False  # the kept keys of a query depend on every earlier query's attention
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        if offset:
+            raise ValueError("KV pruning attention has no KV cache: generate without one")
         if self.v_down is not None:
             v = v @ self.v_down.to(v.dtype) @ self.v_up.to(v.dtype)
         T = q.shape[-2]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2.model.attention import ATTENTION
+from gpt2.model.attention import ATTENTION, KVCache
 from gpt2.model.config import GPTConfig
 from gpt2.model.loss import lm_loss
 from gpt2.model.mlp import MLP_VARIANTS
@@ -24,8 +24,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP_VARIANTS[config.mlp](config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -72,16 +72,24 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, C) final hidden states after ``ln_f``."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, C) final hidden states after ``ln_f``; with ``cache``, the
+        tokens come after the cached positions, and the cache then holds them too."""
         _, T = idx.shape
-        if self.config.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if self.config.block_size < start + T:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
         return self.transformer.ln_f(x)
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        return all(type(b.attn).supports_kv_cache for b in self.transformer.h)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Without targets: (B, T) -> logits (B, T, vocab).
@@ -102,11 +110,28 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to (B, T) ``idx``; returns (B, T + new)."""
+        """Append ``max_new_tokens`` sampled tokens to (B, T) ``idx``; returns (B, T + new).
+
+        With ``use_cache`` (where the attention supports it: not KV pruning) the prompt is
+        prefilled once and each new token costs one position. Once the sequence outgrows the block,
+        the context window slides and every position moves, so each token is computed afresh over
+        the last ``block_size`` tokens, as without a cache (greedy decoding gives the same tokens
+        either way; tested).
+        """
+        bs = self.config.block_size
+        cache = None
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size :]
-            logits = self.lm_head(self.hidden_states(ctx)[:, -1, :]).float()
+            if use_cache and self.supports_kv_cache and idx.size(1) <= bs:
+                if cache is None:
+                    cache = KVCache(self.config.n_layer, bs)
+                    h = self.hidden_states(idx, cache)
+                else:
+                    h = self.hidden_states(idx[:, -1:], cache)
+            else:
+                h = self.hidden_states(idx[:, -bs:])
+            logits = self.lm_head(h[:, -1, :]).float()
             if temperature <= 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
