@@ -137,9 +137,25 @@ def test_a_time_budget_bounds_each_case_and_skips_what_is_left(tmp_path, monkeyp
 def test_every_run_times_the_reference_and_measures_the_gemm_ceiling(tmp_path) -> None:
     """The baseline is timed in the same call, so "vs reference" is a ratio from one run."""
     cmd = [
-        sys.executable, "-m", "gpt2.bench", "--preset", "tiny", "--steps", "2", "--warmup", "1",
-        "--set", "n_layer=1", "--set", "block_size=16", "--set", "batch_size=2", "--device", "cpu",
-        "--out", str(tmp_path),
+        sys.executable,
+        "-m",
+        "gpt2.bench",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--set",
+        "n_layer=1",
+        "--set",
+        "block_size=16",
+        "--set",
+        "batch_size=2",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
     ]  # fmt: skip  (the default cases: reference, vanilla)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -48,9 +48,54 @@ def small() -> GPTConfig:
     return GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
 
-def test_registry_holds_v0_to_v10_in_order() -> None:
-    assert list(STEPS) == [f"V{i}" for i in range(11)] == list(TABLE)
-    assert all(set(s.overrides) <= set(BASE) for s in STEPS.values()), "a step sets a field BASE lacks"
+def test_registry_holds_v0_to_v19_and_c1_to_c3_in_order() -> None:
+    assert list(STEPS) == [f"V{i}" for i in range(20)] + ["C1", "C2", "C3"]
+    assert list(STEPS)[:11] == list(TABLE)
+    known = set(BASE) | {"rmlp_share"}  # (the golden split, resolved against the model's width)
+    assert all(set(s.overrides) <= known for s in STEPS.values()), "a step sets a field BASE lacks"
+
+
+# step -> (attention, MLP, R_ff at GPT-2 width or None, gate schedule, KV keep at 1024, learned, V rank)
+LEGACY = {
+    "V11": ("standard", "reciprocal", 64, "delayed", None, False, 0),
+    "V12": ("unified_ra", "standard", None, "delayed", None, False, 0),
+    "V13": ("standard", "reciprocal", 1152, "delayed", None, False, 0),
+    "V14": ("kv_pruned", "reciprocal", 64, "delayed", 391, False, 0),
+    "V15": ("kv_pruned", "reciprocal", 1152, "delayed", 391, True, 0),
+    "V16": ("unified_ra", "standard", None, "variance", None, False, 0),
+    "V17": ("kv_pruned", "reciprocal", 64, "variance", 391, False, 0),
+    "V18": ("kv_pruned", "reciprocal", 1152, "variance", 391, True, 0),
+    "V19": ("v_pruned", "standard", None, "none", 391, False, 0),
+    "C1": ("v_pruned", "standard", None, "none", 391, False, 32),
+    "C2": ("v_pruned", "standard", None, "none", 391, False, 16),
+    "C3": ("v_pruned", "standard", None, "none", 391, False, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(LEGACY))
+def test_legacy_steps_build_the_configuration_of_the_reference(name: str) -> None:
+    attention, mlp, r_ff, schedule, keep, learned, v_rank = LEGACY[name]
+    c = apply_step(GPTConfig(), name)  # GPT-2 124M: 3072 hidden channels, block 1024
+    assert (c.attention, c.mlp, c.gate_schedule, c.kv_learned, c.kv_v_rank) == (
+        attention, mlp, schedule, learned, v_rank
+    )  # fmt: skip
+    if r_ff is not None:
+        assert c.rmlp_rank == r_ff
+    if keep is not None:
+        assert round(c.kv_keep * c.block_size) == keep and round(c.kv_recent * c.block_size) == 64
+    if c.attention == "unified_ra":
+        assert c.ra_rank == 4 and c.ra_per_head_gates
+    GPT(apply_step(small(), name) if v_rank <= 16 else replace(apply_step(small(), name), kv_v_rank=16))
+
+
+def test_the_golden_split_follows_the_width() -> None:
+    assert apply_step(GPTConfig(n_embd=128, n_head=4), "V13").rmlp_rank == 192  # 3/8 of 512
+
+
+def test_list_steps_shows_every_step() -> None:
+    table = format_steps_table()
+    for name in STEPS:
+        assert f"| {name} |" in table
 
 
 @pytest.mark.parametrize("name", list(TABLE))
@@ -103,8 +148,8 @@ def test_steps_are_applied_on_the_base_never_on_each_other() -> None:
 
 
 def test_unknown_and_repeated_names_are_refused_with_the_known_list() -> None:
-    with pytest.raises(ValueError, match=r"unknown V-step 'V11'; known steps: V0, V1, .*V10"):
-        get_step("V11")
+    with pytest.raises(ValueError, match=r"unknown V-step 'V20'; known steps: V0, V1, .*V19, C1, C2, C3"):
+        get_step("V20")
     with pytest.raises(ValueError, match="unknown V-step 'v1'"):
         apply_step(GPTConfig(), "v1")
     with pytest.raises(ValueError, match="listed twice: V1"):
