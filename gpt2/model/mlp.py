@@ -74,9 +74,14 @@ class ReciprocalMLP(nn.Module):
         V3's step went from 1.10x V0's to 1.04x; on a GPU's larger micro-batches the weight-sized
         products are a smaller share still).
         """
+        up_w, up_b, weight, bias = self.folded()
+        return self.dropout(F.linear(self.gelu(F.linear(x, up_w, up_b)), weight, bias))
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(c_fc weight, c_fc bias, c_proj weight, c_proj bias) of the standard MLP that computes
+        this R-MLP exactly: the up-projections stacked, the gates and the mixer in the down one."""
         up_w = torch.cat([self.up_std.weight, self.up_low.weight])
         up_b = None if self.up_std.bias is None else torch.cat([self.up_std.bias, self.up_low.bias])
-        h = self.gelu(F.linear(x, up_w, up_b))
         weight, bias = self.down.weight * self.column_scale(), self.down.bias
         if self.mixer_weight is not None:
             # down(... | g·(M h_low + b)) = (down_low·g) M h_low + (down_low·g) b: fold M into the columns
@@ -84,7 +89,7 @@ class ReciprocalMLP(nn.Module):
             weight = torch.cat([weight[:, : self.d_std], low @ self.mixer_weight], dim=1)
             if self.mixer_bias is not None:
                 bias = bias + low @ self.mixer_bias
-        return self.dropout(F.linear(h, weight, bias))
+        return up_w, up_b, weight, bias
 
     def gates(self) -> dict[str, torch.Tensor]:
         """Learned gate values by name (0-dim tensors), for gate statistics."""

@@ -82,7 +82,12 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.gpt_config = cfg.gpt_config()
-        self.model = GPT(self.gpt_config).to(self.device)
+        self.model = GPT(self.gpt_config)
+        if cfg.model.init_from:
+            from gpt2.export import load_hf_weights
+
+            load_hf_weights(self.model, cfg.model.init_from)
+        self.model.to(self.device)
         if self.dist.enabled:
             torch.manual_seed(cfg.train.seed + self.dist.rank)  # but each rank its own dropout
         self.n_params = self.model.num_params()
