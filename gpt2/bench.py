@@ -67,7 +67,8 @@ ANCHORS: dict[str, list[Anchor]] = {
 # What each case changes on top of the preset: every architecture, V-series mechanism, optimizer
 # and pruning method. A case whose capability is not built is skipped.
 CASES: dict[str, dict[str, Any]] = {
-    "reference": {},  # nanoGPT's computation on the preset's model (see _reference_step)
+    "reference": {},  # nanoGPT's computation on the preset's model (see _reference_worker)
+    "generate": {},  # 200 new tokens with and without the KV cache (a line below the table)
     "vanilla": {},
     "vanilla-ref": dict(bias=True, dropout=0.1),  # the GPT-2 preset's (and earlier system's) defaults
     "vanilla-cudnn": dict(sdpa_backend="cudnn"),  # cuDNN attention instead of PyTorch's flash-first order
@@ -123,6 +124,8 @@ def _worker(
         values["dtype"] = dtype
     if name == "reference":
         return _reference_worker(case, resolve(values), steps, warmup)
+    if name == "generate":
+        return _generate_worker(case, resolve(values))
     try:  # a case this machine cannot run (e.g. a CUDA-only kernel on CPU) is a row saying why
         cfg = resolve(values)
         t0 = time.perf_counter()
@@ -282,6 +285,42 @@ def _reference_worker(case: str, cfg: Any, steps: int, warmup: int) -> dict[str,
     }
 
 
+GENERATE_TOKENS = 200
+
+
+def _generate_worker(case: str, cfg: Any) -> dict[str, Any]:
+    """Greedy generation of GENERATE_TOKENS tokens from a one-token prompt on the preset's model,
+    with the KV cache and without (the whole context recomputed per token): tokens/s of each."""
+    import torch
+
+    from gpt2.model import GPT
+    from gpt2.runtime import configure_process, resolve_device
+
+    configure_process()
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(0)
+    model = GPT(cfg.gpt_config()).to(device).eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out: dict[str, Any] = {"case": case, "generation": True, "new_tokens": GENERATE_TOKENS}
+    for cached in (True, False):
+        model.generate(prompt, 8, temperature=0.0, use_cache=cached)  # warm-up
+        sync()
+        t = time.perf_counter()
+        tokens = model.generate(prompt, GENERATE_TOKENS, temperature=0.0, use_cache=cached)
+        sync()
+        out["cached" if cached else "uncached"] = GENERATE_TOKENS / (time.perf_counter() - t)
+        out[f"tokens_{'cached' if cached else 'uncached'}"] = tokens[0].tolist()
+    out["same_tokens"] = out.pop("tokens_cached") == out.pop("tokens_uncached")
+    out["block_size"] = cfg.gpt_config().block_size
+    out |= {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return out
+
+
 def _flops_per_token(config: Any, n_params: int) -> float:
     from gpt2.track.perf import flops_per_token
 
@@ -334,7 +373,7 @@ def _table(preset: str, rows: list[dict[str, Any]], gemm: dict[str, Any] | None 
     """Markdown: this machine's GEMM ceiling, our rows with ratios to the first row and to the
     reference case (both from this run), then figures published from other machines, labelled."""
     w = PRESETS[preset]
-    measured = [r for r in rows if "ms_per_step" in r]
+    measured = [r for r in rows if "ms_per_step" in r and not r.get("generation")]
     base = measured[0] if measured else None
     ref = next((r for r in measured if r["case"].partition(":")[0] == "reference"), None)
     lines = [f"Preset `{preset}`: {json.dumps(w)}", ""]
@@ -346,11 +385,19 @@ def _table(preset: str, rows: list[dict[str, Any]], gemm: dict[str, Any] | None 
         "| peak memory | warm-up | optimizer step | optimizer state | mask update |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    generation = [r for r in rows if r.get("generation")]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['case']} | | skipped: {r['skipped']} |" + " |" * 11)
-            continue
-        lines.append(_row(r, base, ref, gemm))
+        elif not r.get("generation"):
+            lines.append(_row(r, base, ref, gemm))
+    for r in generation:
+        lines += [
+            "",
+            f"Generation, {r['new_tokens']} new tokens from one (batch 1, greedy, block {r['block_size']}): "
+            f"KV cache {r['cached']:,.0f} tokens/s, recomputing the context {r['uncached']:,.0f} tokens/s, "
+            f"{r['cached'] / r['uncached']:.2f}x; the same tokens: {'yes' if r['same_tokens'] else 'NO'}.",
+        ]
     lines += [
         "",
         "vs first, vs reference: throughput ratios (higher is faster), from this run. `reference` is "
@@ -607,7 +654,7 @@ def _run_case(case: str, cmd: list[str], root: Path, timeout: float | None) -> d
 
 def _write(out: Path, preset: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     """bench.json and bench.md, rewritten whole after every case."""
-    measured = next((r for r in rows if "ms_per_step" in r), {})
+    measured = next((r for r in rows if "torch" in r), {})
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     where = f"{measured.get('device_name', '?')}, torch {measured.get('torch', '?')}"
     if measured.get("device_name") == "cpu":

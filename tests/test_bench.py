@@ -170,3 +170,11 @@ def test_every_run_times_the_reference_and_measures_the_gemm_ceiling(tmp_path) -
     cells = [c.strip() for c in row.split("|")]
     assert cells[6] == f"{ref['ms_per_step'] / ours['ms_per_step']:.3f}x"  # vs reference
     assert cells[8].endswith("%")  # of the GEMM ceiling
+
+
+def test_the_generation_case_compares_the_kv_cache_with_recomputing(tmp_path) -> None:
+    row = bench._worker("tiny", "generate", steps=1, warmup=0, device="cpu", extra={"n_layer": 1})
+    assert row["cached"] > 0 and row["uncached"] > 0 and row["same_tokens"] is True
+    assert row["new_tokens"] == bench.GENERATE_TOKENS == 200
+    md = bench._table("tiny", [row])
+    assert "Generation, 200 new tokens from one" in md and "the same tokens: yes" in md
