@@ -36,37 +36,24 @@ def evaluate(
     """
     model.eval()
     try:
-        return _losses(eval_model, data, samples, device, dtype, dist, console, before_batch)
+        out: dict[str, float] = {}
+        for split in ("train", "val"):
+            losses = []
+            for x, y in console.batches(data.eval_batches(split, samples), samples, f"eval {split}"):
+                before_batch()
+                with autocast(device, dtype):
+                    # a copy: under CUDA graphs the next replay reuses the output's memory
+                    losses.append(eval_model(x, y).float().clone())
+            t = torch.stack(losses)
+            # sum, sum of squares and count over every rank's share of the fixed windows
+            count = torch.tensor(float(len(losses)), device=t.device)
+            moments = distributed.all_reduce_mean(torch.stack([t.sum(), (t * t).sum(), count]), dist)
+            total, total_sq, n = (float(v) for v in moments * dist.world_size)
+            mean = total / n
+            var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+            out[f"{split}_loss"] = mean
+            out[f"{split}_loss_se"] = math.sqrt(var / n)
     finally:
         model.train()
-
-
-def _losses(
-    eval_model: nn.Module,
-    data: Any,
-    samples: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    dist: distributed.DistInfo,
-    console: Console,
-    before_batch: Callable[[], None],
-) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for split in ("train", "val"):
-        losses = []
-        for x, y in console.batches(data.eval_batches(split, samples), samples, f"eval {split}"):
-            before_batch()
-            with autocast(device, dtype):
-                # a copy: under CUDA graphs the next replay reuses the output's memory
-                losses.append(eval_model(x, y).float().clone())
-        t = torch.stack(losses)
-        # sum, sum of squares and count over every rank's share of the fixed windows
-        count = torch.tensor(float(len(losses)), device=t.device)
-        moments = distributed.all_reduce_mean(torch.stack([t.sum(), (t * t).sum(), count]), dist)
-        total, total_sq, n = (float(v) for v in moments * dist.world_size)
-        mean = total / n
-        var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
-        out[f"{split}_loss"] = mean
-        out[f"{split}_loss_se"] = math.sqrt(var / n)
     out["val_perplexity"] = math.exp(min(out["val_loss"], 20.0))
     return out
