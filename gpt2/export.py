@@ -189,6 +189,12 @@ def load_hf_weights(model: nn.Module, directory: str | Path) -> None:
         raise UserError(f"{where}: model_type {hf.get('model_type')!r}, expected gpt2")
     if c.attention != "standard" or c.mlp != "standard":
         raise UserError(f"{where}: loads into standard GPT-2 blocks; this run builds {c.attention}/{c.mlp}")
+    if hf.get("tie_word_embeddings", True) is False:
+        raise UserError(f"{where}: an untied lm_head; this model ties it to the token embedding")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise UserError(
+            f"{where}: attention scaled by layer index or LayerNorm eps != 1e-5, which this model lacks"
+        )
     act = hf.get("activation_function", "gelu_new")
     if act != "gelu":
         raise UserError(f"{where}: activation {act!r}, but this model computes exact GELU ('gelu')")
@@ -222,7 +228,8 @@ def load_hf_weights(model: nn.Module, directory: str | Path) -> None:
         if name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
             tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
         loaded[name] = tensor[: c.block_size] if name == "transformer.wpe.weight" else tensor
-    for name in [k for k in sd if k.endswith(".bias") and k not in params]:  # a bias-free model
+    buffers = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers saves
+    for name in [k for k in sd if k.endswith(".bias") and k not in params and not k.endswith(buffers)]:
         if torch.count_nonzero(sd[name]):
             raise UserError(f"{where}: {name} is not zero, but this run has no biases (drop --no-bias)")
     with torch.no_grad():

@@ -30,6 +30,7 @@ def run(cfg: RunConfig) -> int:
         print(format_experiments())
         return 0
     from gpt2.trainer import distributed
+    from gpt2.trainer.signals import Stopped
 
     failed = True
     try:
@@ -43,6 +44,9 @@ def run(cfg: RunConfig) -> int:
 
             stopped = str(train_once(cfg).get("stop_reason", "")).startswith("signal")
         failed = False
+    except Stopped:  # every rank stopped together: the process group can be left cleanly
+        failed = False
+        raise
     finally:
         distributed.shutdown(failed)
     if not cfg.train.dry_run and not stopped and distributed.from_env().is_main:

@@ -248,16 +248,16 @@ class PrunedKVAttention(CausalSelfAttention):
             return self._gathered(q, k, v, rank)
         if self.keep_ratio is None:
             kept = (rank < self.keep + self.recent) & causal
-            weight = kept.to(scores.dtype)
-            log_weight = torch.zeros_like(scores).masked_fill(~kept, float("-inf"))
-        else:
-            weight = self._soft_keep(rank, causal).to(scores.dtype)
+            weight = kept.float()
+            log_weight = torch.zeros_like(weight).masked_fill(~kept, float("-inf"))
+        else:  # in fp32: in fp16, 1e-30 is 0 and log(0) would give the ratio a NaN gradient
+            weight = self._soft_keep(rank, causal)
             log_weight = weight.clamp_min(1e-30).log()
         if self.values_only:
-            probs = self._dropout(scores.softmax(dim=-1)) * weight
+            probs = self._dropout(scores.float().softmax(dim=-1)) * weight
         else:
-            probs = self._dropout((scores + log_weight).softmax(dim=-1))
-        return probs @ v
+            probs = self._dropout((scores.float() + log_weight).softmax(dim=-1))
+        return probs.to(v.dtype) @ v
 
     def _dropout(self, probs: torch.Tensor) -> torch.Tensor:
         return F.dropout(probs, self.dropout, training=self.training)

@@ -159,6 +159,16 @@ class AdamWSPAM(torch.optim.AdamW):
         self._prepared = False  # prepare_gradients ran for the coming step
 
     @property
+    def clips_gradients(self) -> bool:
+        """Whether :meth:`prepare_gradients` changes gradients (its clipping makes inf finite, so a
+        caller that skips non-finite steps must test the gradients before it)."""
+        return self.enable_clip
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._prepared = False  # a step skipped after prepare_gradients: the next one prepares again
+        super().zero_grad(set_to_none=set_to_none)
+
+    @property
     def skips_on_device(self) -> bool:
         """Whether :meth:`step` takes ``found_inf``: fused, and no spike detection (it reads the host)."""
         return bool(self.defaults.get("fused")) and not self.spike_detection

@@ -575,7 +575,9 @@ class Trainer:
 
     def _before_eval_batch(self) -> None:
         faults.point("eval_batch")
-        if self.dist.enabled and distributed.any_rank([bool(STOP)], self.dist, self.device)[0]:
+        if not self.dist.enabled:
+            STOP.raise_if_stopped()  # (should the handler's own raise have been swallowed)
+        elif distributed.any_rank([bool(STOP)], self.dist, self.device)[0]:
             raise Stopped(STOP.name)
 
     def _evaluate_and_log(self, metrics: Any, trackers: Trackers) -> dict[str, float]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from gpt2.config import RunConfig
+from gpt2.trainer import distributed
 from gpt2.trainer.extension import Extension
 from gpt2.trainer.signals import STOP
 
@@ -31,7 +33,10 @@ def train_once(cfg: RunConfig) -> dict:
     """One training run (or dry run) of ``cfg``; returns its results (the dry-run summary for a dry run)."""
     from gpt2.trainer.loop import Trainer
 
-    trainer = Trainer(cfg, extensions_for(cfg))
+    # Under torchrun a signal must not stop one rank inside a collective of the set-up (process
+    # group, DDP's broadcast): it is recorded, and the ranks agree to stop after the data is ready.
+    with STOP.deferring() if distributed.from_env().enabled else contextlib.nullcontext():
+        trainer = Trainer(cfg, extensions_for(cfg))
     if cfg.train.dry_run:
         info = trainer.dry_run()
         print(json.dumps({"config": cfg.to_dict(), "model_config": trainer.gpt_config.to_dict()}, indent=2))

@@ -65,13 +65,14 @@ class StopRequest:
     def mode(self, deferred: bool, where: str) -> Iterator[StopRequest]:
         """Within the block a signal is only recorded (``deferred``) or raises :class:`Stopped`
         saying ``where`` it landed. Entering a cancellable block after a signal raises at once."""
-        self._modes.append((deferred, where))
-        try:
+        depth = len(self._modes)
+        try:  # (a signal may land anywhere in here: the stack is cut back to its depth, not popped)
+            self._modes.append((deferred, where))
             if not deferred:
                 self.raise_if_stopped()
             yield self
         finally:
-            self._modes.pop()
+            del self._modes[depth:]
 
     def deferring(self) -> contextlib.AbstractContextManager[StopRequest]:
         return self.mode(True, self._modes[-1][1])

@@ -35,6 +35,11 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer) is torch.optim.AdamW and bool(optimizer.defaults.get("fused"))
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a (possibly FSDP DTensor) gradient norm."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class TrainStep:
     """Runs one optimizer step over ``accumulation`` micro-batches.
 
@@ -111,15 +116,17 @@ class TrainStep:
         for ext in self.extensions:
             ext.before_optimizer_step(self.model, self.optimizer)
         self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        raw_finite = None
+        if getattr(self.optimizer, "clips_gradients", False):  # spike clipping would turn inf finite
+            raw_finite = torch.isfinite(_full(torch.nn.utils.get_total_norm(grads, foreach=True)))
         prepare = getattr(self.optimizer, "prepare_gradients", None)
         if prepare is not None:  # e.g. SPAM's spike clipping and detection, on the unclipped gradients
             prepare()
-        grads = [p.grad for p in self._params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        full_norm = (
-            grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        )  # FSDP DTensor
-        applied = torch.isfinite(full_norm).float()  # 1.0, or 0.0 for a step to skip
+        full_norm = _full(grad_norm)
+        finite = torch.isfinite(full_norm) if raw_finite is None else raw_finite & torch.isfinite(full_norm)
+        applied = finite.float()  # 1.0, or 0.0 for a step to skip
         if self.skip_nonfinite and not self.device_skip and not self.scaler.is_enabled() and not applied:
             self.optimizer.zero_grad(set_to_none=True)
             return StepOutput(total, full_norm, applied)

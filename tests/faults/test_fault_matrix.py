@@ -253,3 +253,15 @@ def test_a_second_sigint_exits_at_once(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and time.monotonic() - t0 < 10
     assert "second interrupt" in proc.stderr
+
+
+def test_a_signal_inside_the_mode_bookkeeping_leaves_the_mode_stack_intact() -> None:
+    from gpt2.trainer.signals import Stopped, StopRequest
+
+    stop = StopRequest()
+    with stop.deferring():
+        stop.signum = signal.SIGTERM  # recorded while deferred
+        with pytest.raises(Stopped), stop.cancellable():  # raises on entry
+            pass
+        assert stop.deferred
+    assert not stop.deferred and len(stop._modes) == 1

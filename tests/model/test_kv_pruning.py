@@ -119,3 +119,11 @@ def test_steps_compile_without_graph_breaks(idx, step) -> None:
     model = GPT(config)
     explanation = torch._dynamo.explain(model)(idx, idx)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_the_learned_ratio_gradient_is_finite_in_half_precision(idx) -> None:
+    torch.manual_seed(0)
+    model = GPT(_config("V15")).half()
+    with torch.autocast("cpu", dtype=torch.float16, enabled=False):
+        model(idx, idx).float().backward()
+    assert all(torch.isfinite(b.attn.keep_ratio.grad) for b in model.transformer.h)

@@ -254,3 +254,30 @@ class _ScaledLoss(torch.nn.Module):
 
     def forward(self, x, y):
         return ((self.model(x) - y) ** 2).mean() * self.scale
+
+
+def test_an_overflowed_step_is_skipped_even_though_spike_clipping_would_make_it_finite():
+    """Spike clipping clamps +-inf to a finite threshold; the skip test must see the raw gradients."""
+    from gpt2.trainer.step import TrainStep
+
+    model = _Weighted(torch.randn(8, generator=torch.Generator().manual_seed(0)))
+    opt = AdamWSPAM(model.parameters(), lr=1e-3, interval=0, enable_clip=True)
+    step = TrainStep(
+        model, opt, device=torch.device("cpu"), dtype=torch.float32, accumulation=1, grad_clip=1.0
+    )
+    x = torch.ones(1)
+    for _ in range(3):
+        step(lambda: (x, x), lr=1e-3)
+    before = model.w.detach().clone()
+    out = step(lambda: (x * float("inf"), x), lr=1e-3)  # every gradient element +inf, none NaN
+    assert float(out.applied) == 0.0
+    assert torch.equal(model.w, before)
+
+
+class _Weighted(torch.nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x, y):
+        return (self.w**2).sum() * x.sum()

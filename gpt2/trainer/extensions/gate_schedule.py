@@ -114,7 +114,15 @@ class GateSchedule(Extension):
         return {"gate_schedule": self.kind, "gates_opened_at": self.opened_at}
 
     def state_dict(self) -> dict[str, Any]:
+        """Under torchrun the losses saved are the ranks' means (the checkpoint keeps rank 0's state):
+        what every check averages anyway, so a resumed run decides as the uninterrupted one."""
         losses = torch.stack([t.float().cpu() for t in self.losses]) if self.losses else torch.zeros(0)
+        dist = torch.distributed
+        if len(losses) and dist.is_available() and dist.is_initialized():  # (save() runs on every rank)
+            on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            reduced = losses.to(on)
+            dist.all_reduce(reduced)
+            losses = (reduced / dist.get_world_size()).cpu()
         return {"opened_at": -1 if self.opened_at is None else self.opened_at, "losses": losses}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
