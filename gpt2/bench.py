@@ -84,6 +84,7 @@ CASES: dict[str, dict[str, Any]] = {
     "V15": dict(architecture="unified-ra", ra_step="V15"),  # learned keep ratio
     "V19": dict(architecture="unified-ra", ra_step="V19"),  # V-only pruning
     "C3": dict(architecture="unified-ra", ra_step="C3"),  # + V compressed to 8 dims
+    "muon": dict(optimizer="muon"),  # Muon on the blocks' matrices, AdamW on the rest
     "adamwspam": dict(optimizer="adamwspam"),  # the command line's defaults: resets, no clipping
     "adamwspam-clip": dict(optimizer="adamwspam", spam_enable_clip=True),
     "bitter7": dict(optimizer="adamwprune", adamwprune_variant="bitter7", pruning_method="state"),
