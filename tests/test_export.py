@@ -48,8 +48,8 @@ def _hf_logits(directory, idx: torch.Tensor) -> torch.Tensor:
     "step,extra",
     [
         (None, {}),
-        ("V1", {}),
-        ("V3", {}),
+        pytest.param("V1", {}, marks=pytest.mark.slow),  # (V6 folds gates and an R-MLP, V12 RA gates)
+        pytest.param("V3", {}, marks=pytest.mark.slow),
         ("V6", {}),
         ("V12", {"gate_delay_steps": 2}),  # a gate schedule's coupling folds too
         (None, {"bias": False}),
@@ -114,6 +114,7 @@ def test_export_then_import_is_bitwise(tiny_flags, tmp_path) -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow  # (the bitwise import test covers the loading; this one trains from it)
 def test_fine_tuning_from_a_directory_trains(tiny_flags, tmp_path) -> None:
     flags, _ = _trained(tiny_flags)
     export(Path(flags["output_dir"]) / checkpoint.LAST, tmp_path / "hf")

@@ -71,7 +71,7 @@ def test_one_learning_rate_schedule_reaches_both_halves(tiny_flags) -> None:
     assert opt.muon.param_groups[0]["weight_decay"] == opt.adamw.param_groups[0]["weight_decay"] == 0.1
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("accumulation", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_muon_training_lowers_the_loss_and_resumes_exactly(tiny_flags, tmp_path, accumulation) -> None:
     flags = dict(
         tiny_flags,
