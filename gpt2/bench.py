@@ -114,7 +114,7 @@ def _worker(
     from gpt2.config import resolve
     from gpt2.errors import ConfigError
     from gpt2.runtime import peak_memory_bytes
-    from gpt2.track.perf import mfu
+    from gpt2.track.perf import flops_per_token, mfu
     from gpt2.trainer.extensions.pruning import optimizer_state_bytes
     from gpt2.trainer.loop import Trainer
     from gpt2.trainer.run import extensions_for
@@ -203,7 +203,7 @@ def _worker(
         "pruning_frequency": cfg.pruning.pruning_frequency,
         "final_loss": float(loss),
         "n_params": trainer.n_params,
-        "flops_per_token": _flops_per_token(g, trainer.n_params),
+        "flops_per_token": flops_per_token(g, trainer.n_params),
         "tokens_per_step": tokens,
         "dtype": str(trainer.dtype).replace("torch.", ""),
         "device": str(trainer.device),
@@ -226,6 +226,7 @@ def _reference_worker(case: str, cfg: Any, steps: int, warmup: int) -> dict[str,
 
     from gpt2.model import GPT
     from gpt2.runtime import peak_memory_bytes, resolve_device, resolve_dtype
+    from gpt2.track.perf import flops_per_token
 
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.dtype, device)
@@ -276,7 +277,7 @@ def _reference_worker(case: str, cfg: Any, steps: int, warmup: int) -> dict[str,
         "warmup_s": warmup_s,
         "final_loss": float(loss),
         "n_params": n_params,
-        "flops_per_token": _flops_per_token(g, n_params),
+        "flops_per_token": flops_per_token(g, n_params),
         "tokens_per_step": tokens,
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
@@ -329,12 +330,6 @@ def _generate_worker(case: str, cfg: Any) -> dict[str, Any]:
         "torch": torch.__version__,
     }
     return out
-
-
-def _flops_per_token(config: Any, n_params: int) -> float:
-    from gpt2.track.perf import flops_per_token
-
-    return flops_per_token(config, n_params)
 
 
 def _gemm_worker(device_name: str) -> dict[str, Any]:

@@ -4,7 +4,6 @@ weights of an uninterrupted run."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 
 from gpt2.trainer import checkpoint
 from tests.conftest import REPO, as_argv
+from tests.trainer.test_distributed import _env as torchrun_env
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -39,12 +39,8 @@ def _flags(tiny_flags: dict, out: Path) -> dict:
 
 
 def _env(fault: str | None = None) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("WORLD_SIZE", None)
-    env.pop("GPT2_FAULT", None)
-    if fault:
-        env["GPT2_FAULT"] = fault
-    return env
+    env = {k: v for k, v in torchrun_env().items() if k != "GPT2_FAULT"}
+    return env | ({"GPT2_FAULT": fault} if fault else {})
 
 
 def _workers(parent: int) -> dict[int, int]:
