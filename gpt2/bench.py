@@ -209,6 +209,7 @@ def _worker(
         "device": str(trainer.device),
         "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
     }
 
@@ -283,6 +284,7 @@ def _reference_worker(case: str, cfg: Any, steps: int, warmup: int) -> dict[str,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
     }
 
@@ -327,6 +329,7 @@ def _generate_worker(case: str, cfg: Any) -> dict[str, Any]:
     out |= {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
     }
     return out
@@ -530,6 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also profile 3 steps of each case: profile_<case>.txt (operators by self time) and "
         "trace_<case>.json.gz (chrome://tracing, Perfetto) in --out",
     )
+    p.add_argument(
+        "--isa",
+        choices=["native", "avx2", "avx512"],
+        default="native",
+        help="CPU: limit torch's kernels (ATen, oneDNN, MKL) to this instruction set in every case, "
+        "to measure a CPU without AVX-512 (avx2) or without AMX (avx512) on this one",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -568,7 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"steps": steps, "warmup": warmup, "rounds": args.rounds, "extra": extra}
+    settings = {"steps": steps, "warmup": warmup, "rounds": args.rounds, "extra": extra, "isa": args.isa}
+    if args.isa != "native":
+        from gpt2.runtime import CPU_ISA_ENV
+
+        os.environ.update(CPU_ISA_ENV[args.isa])  # inherited by every worker process
     worker_args = ["--preset", preset, "--steps", str(steps), "--warmup", str(warmup),
                    "--device", args.device, "--out", str(out.resolve()),
                    *(["--profile"] if args.profile else []),
@@ -668,6 +682,11 @@ def _write(out: Path, preset: str, rows: list[dict[str, Any]], settings: dict[st
     where = f"{measured.get('device_name', '?')}, torch {measured.get('torch', '?')}"
     if measured.get("device_name") == "cpu":
         where = f"{_cpu_model()} ({measured.get('threads', '?')} threads), torch {measured.get('torch', '?')}"
+        if settings.get("isa", "native") != "native":
+            where += (
+                f", kernels limited to {settings['isa'].upper()} with --isa (ATen dispatch: "
+                f"{measured.get('cpu_capability', '?')}; oneDNN and MKL likewise)"
+            )
     table = f"Measured {when} on {where}.\n\n" + _table(preset, rows, settings.get("gemm"))
     (out / "bench.json").write_text(
         json.dumps({"preset": preset, "measured": when, **settings, "rows": rows}, indent=2)

@@ -59,6 +59,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# Environment that limits every CPU kernel library torch uses to an older instruction set, so one
+# machine can measure what a CPU without AVX-512 or AMX would run (ATen's own kernels, oneDNN,
+# MKL). They are read when each library first dispatches: set them before the process starts.
+CPU_ISA_ENV: dict[str, dict[str, str]] = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    },
+}
+
+
 def cpu_has_native_bf16() -> bool:
     """True on CPUs whose bf16 matmuls beat fp32: those with AMX tiles.
 
@@ -67,6 +80,9 @@ def cpu_has_native_bf16() -> bool:
     (2026-11-30) the whole 1024-row product took 105 ms in bf16 against 92 ms in fp32, a GPT-2-shaped
     (1024x768) @ (768x3072) one 27 against 14 ms, and the tiny training step 192 against 137 ms.
     """
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if limit and "AMX" not in limit and limit != "ALL":  # AMX switched off (CPU_ISA_ENV)
+        return False
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 

@@ -3,7 +3,8 @@
 On CPU a GPT-2 step is dominated by the (tokens x 50k) logits: allocating, faulting in and
 freeing them, their softmax and their gradient. The chunked form computes loss and both
 gradients a few rows at a time in the forward pass (the loss is the graph's output, so the
-incoming gradient is just a scalar that backward applies). It is exact: same loss and gradients
+incoming gradient is just a scalar that backward applies). Each chunk's logits get one softmax
+pass; the loss is read off it and the gradient is the softmax itself, less one at the target. It is exact: same loss and gradients
 as ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)`` up to float rounding (tested).
 
 Under CPU bf16 autocast the three head matmuls run in bf16 (AMX / AVX512-BF16 make them 3-5x
@@ -36,6 +37,26 @@ def _group_buffer(vocab: int, dtype: torch.dtype) -> torch.Tensor:
     return _group_buffers[key]
 
 
+# Below this target probability -log p loses precision (and under 1e-45 it is inf): those rows,
+# rare outside diverging runs, take the exact logsumexp route instead.
+_TINY_PROB = 1e-30
+
+
+def _target_nll(logits: torch.Tensor, probs: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+    """Per-row -log softmax(logits)[target], read off the softmax already computed."""
+    p_target = probs.gather(1, safe).squeeze(1)
+    nll = -p_target.log()
+    tiny = p_target < _TINY_PROB
+    if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph
+        exact = torch.logsumexp(logits.float(), dim=1) - logits.gather(1, safe).squeeze(1).float()
+        return torch.where(tiny, exact, nll)
+    if bool(tiny.any()):
+        rows = tiny.nonzero().squeeze(1)
+        lse = torch.logsumexp(logits[rows].float(), dim=1)
+        nll[rows] = lse - logits[rows].gather(1, safe[rows]).squeeze(1).float()
+    return nll
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -58,27 +79,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(hx) if need_grad else None
             grad_w: torch.Tensor | None = None  # fp32; the first product initialises it (no zero fill)
             group = _group_buffer(vocab, compute_dtype) if need_grad and low else None
+            scale_all = valid_all / count  # d loss / d logits = (softmax - onehot) * scale, per row
             for g0 in range(0, n, GROUP_ROWS):
                 g1 = min(n, g0 + GROUP_ROWS)
                 for start in range(g0, g1, rows):
                     end = min(g1, start + rows)
                     hc, safe, valid = hx[start:end], safe_all[start:end], valid_all[start:end]
-                    logp = torch.log_softmax(torch.mm(hc, wx.t()), dim=1, dtype=torch.float32)
-                    total -= (logp.gather(1, safe).squeeze(1) * valid).sum()
+                    logits = torch.mm(hc, wx.t())
+                    # One softmax pass (each 50k row stays in cache) instead of log_softmax, exp and
+                    # a scaling pass over the whole chunk: the loss is -log p[target], and the
+                    # row scale moves onto the small (rows x C) operands of the two gradient matmuls.
+                    probs = torch.softmax(logits, dim=1, dtype=torch.float32)
+                    total += (_target_nll(logits, probs, safe) * valid).sum()
                     if not need_grad:
                         continue
-                    probs = logp.exp_()  # d loss / d logits = (softmax - onehot) * valid / count
-                    probs.scatter_add_(1, safe, -valid.unsqueeze(1))
-                    probs.mul_((valid / count).unsqueeze(1))
+                    probs.scatter_add_(1, safe, -torch.ones_like(valid).unsqueeze(1))
+                    scale = scale_all[start:end].unsqueeze(1)
                     if low:
                         gc = group[start - g0 : end - g0]
                         gc.copy_(probs)
                         torch.mm(gc, wx, out=grad_h[start:end])
                     else:
                         torch.mm(probs, wx, out=grad_h[start:end])
-                        grad_w = probs.t() @ hc if grad_w is None else grad_w.addmm_(probs.t(), hc)
+                        hs = hc * scale
+                        grad_w = probs.t() @ hs if grad_w is None else grad_w.addmm_(probs.t(), hs)
+                    grad_h[start:end].mul_(scale.to(grad_h.dtype))
                 if need_grad and low:
-                    part = torch.mm(group[: g1 - g0].t(), hx[g0:g1])
+                    hs = hx[g0:g1] * scale_all[g0:g1].unsqueeze(1).to(hx.dtype)
+                    part = torch.mm(group[: g1 - g0].t(), hs)
                     grad_w = part.float() if grad_w is None else grad_w.add_(part)
             # Kept on ctx rather than saved: backward scales them in place (no 25 MB copy per
             # step) and drops them, so a second backward fails loudly instead of scaling twice.
@@ -91,6 +119,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("lm_loss: backward through the chunked loss can run only once")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
+        if not torch.compiler.is_compiling() and bool(grad_out == 1):  # loss.backward(): no 25 MB pass
+            return grad_h, grad_w, None, None, None, None
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None
 
 
