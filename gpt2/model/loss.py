@@ -5,7 +5,8 @@ freeing them, their softmax and their gradient. The chunked form computes loss a
 gradients a few rows at a time in the forward pass (the loss is the graph's output, so the
 incoming gradient is just a scalar that backward applies). Each chunk's logits get one softmax
 pass; the loss is read off it and the gradient is the softmax itself, less one at the target.
-It is exact: same loss and gradients as ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)`` up to float rounding (tested).
+It is exact: same loss and gradients as ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)``
+up to float rounding (tested).
 
 Under CPU bf16 autocast the three head matmuls run in bf16 (AMX / AVX512-BF16 make them 3-5x
 faster than fp32) while the softmax stays in fp32, which is the precision autocast itself gives
