@@ -325,13 +325,20 @@ class TrainSection:
     device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", rule=DEVICE)
     dtype: str = opt(
         "auto",
-        "autocast dtype. auto: bfloat16 on CUDA (float16 if unsupported) and on CPUs with native "
-        "bf16 matmuls (AMX or AVX512-BF16), else float32",
+        "autocast dtype. auto: bfloat16 on CUDA (float16 if unsupported) and on CPUs with AMX, "
+        "else float32 (AVX512-BF16 alone measured slower than fp32)",
         choices=DTYPES,
     )
     log_interval: int | None = opt(None, "steps between train-loss logs", rule=POSITIVE)
     eval_interval: int | None = opt(None, "steps between evaluations", rule=POSITIVE)
     eval_samples: int | None = opt(None, "batches per split per evaluation", rule=POSITIVE)
+    eval_budget: float = opt(
+        0.04,
+        "with --max-time: evaluations at --eval-interval run only while evaluation time stays within "
+        "this fraction of --max-time (the one at step 0 is then skipped; the final one always runs; "
+        "0: no limit)",
+        rule=FRACTION,
+    )
     max_bad_steps: int = opt(
         5,
         "non-finite steps in a row (each skipped) before reloading the last checkpoint with half the LR",
@@ -502,6 +509,11 @@ def field_kinds() -> dict[str, tuple[str, type]]:
             args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
             out[f.name] = (sec, args[0] if args else hints[f.name])
     return out
+
+
+def repeated_fields() -> set[str]:
+    """Fields given by a repeatable flag (``--ablate``): several values joined with ``"; "``."""
+    return {f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get("repeat")}
 
 
 def with_implied(values: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import SECTIONS, RunConfig, field_kinds, flatten, resolve
+from gpt2.config import SECTIONS, RunConfig, field_kinds, flatten, repeated_fields, resolve
 from gpt2.errors import ConfigError
 from gpt2.track.metrics import write_text_atomic
 
@@ -48,7 +48,7 @@ def read(path: str | Path) -> tuple[dict[str, Any], list[str] | None]:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    kinds = field_kinds()
+    kinds, repeat = field_kinds(), repeated_fields()
     values: dict[str, Any] = {}
     given = None
     for sec, table in data.items():
@@ -65,6 +65,8 @@ def read(path: str | Path) -> tuple[dict[str, Any], list[str] | None]:
             home, kind = kinds[name]
             if home != sec:
                 raise ConfigError(f"{path}: {where} belongs in [{home}]")
+            if name in repeat and isinstance(value, list):  # ablate = ["a=1,2", "b=3,4"]: two axes
+                value = "; ".join(_typed(path, where, v, kind) for v in value)
             values[name] = _typed(path, where, value, kind)
     return values, given
 

@@ -51,7 +51,6 @@ PRESETS: dict[str, Preset] = {
             batch_size=16,
             gradient_accumulation=1,
             learning_rate=2e-3,
-            min_lr=2e-4,
             warmup_steps=50,
             dropout=0.0,
             beta2=0.99,

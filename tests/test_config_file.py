@@ -41,6 +41,14 @@ def test_file_settings_apply_and_flags_override_them(tmp_path) -> None:
     assert {"learning_rate", "spam_interval", "max_iters"} <= set(cfg.explicit)
 
 
+def test_ablate_in_a_file_takes_a_list_of_axes_like_the_repeated_flag(tmp_path) -> None:
+    path = write(tmp_path, '[ablation]\nablate = ["optimizer=adamw,muon", "learning-rate=1e-3,2e-3"]\n')
+    from_file = parse(["--config", str(path)])
+    from_flags = parse(["--ablate", "optimizer=adamw,muon", "--ablate", "learning-rate=1e-3,2e-3"])
+    both = "optimizer=adamw,muon; learning-rate=1e-3,2e-3"
+    assert from_file.ablation.ablate == from_flags.ablation.ablate == both
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -52,6 +60,7 @@ def test_file_settings_apply_and_flags_override_them(tmp_path) -> None:
         ("[data]\nbatch-size = 0\n", "--batch-size must be positive, got 0"),
         ("[data]\nlearning-rate = 1e-3\n", "[data] learning-rate belongs in [optim]"),
         ("[optim\n", "not valid TOML"),
+        ("[ablation]\nablate = ['optimizer=adamw', 3]\n", "[ablation] ablate must be str, got int"),
     ],
 )
 def test_bad_files_give_one_line_naming_the_file_and_exit_2(tmp_path, capsys, text, message) -> None:

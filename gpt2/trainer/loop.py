@@ -128,6 +128,7 @@ class Trainer:
         self._check_t = time.perf_counter()
         self._saved_step = -1  # the step checkpoint_last.pt holds, where this process knows it
         self._segment_start = 0  # the step this process started training from
+        self._eval_budget_said = False
         self._fit_start, self._wall_base = time.perf_counter(), 0.0
         self.tokens_per_s = 0.0  # throughput of the latest log window
 
@@ -334,7 +335,7 @@ class Trainer:
         with self.console.progress(self.max_iters, st.step):
             try:
                 # The step-0 evaluation, or the one a signal abandoned after this checkpoint's step.
-                if st.step % c.train.eval_interval == 0 and st.last_eval.get("step") != st.step:
+                if self._eval_due() and st.last_eval.get("step") != st.step:
                     with window.paused(), self.clock.paused():
                         self._evaluate_and_log(metrics, trackers)
                 stop_reason = self._loop(window, metrics, trackers)
@@ -372,7 +373,7 @@ class Trainer:
             log_due = st.step % c.train.log_interval == 0 or st.step == self.max_iters or save_due
             if log_due and self._log_window(window, lr, out.grad_norm, self.clock(), metrics, trackers):
                 continue  # went back to a checkpoint: the window is void
-            if st.step % c.train.eval_interval == 0:
+            if self._eval_due():
                 with window.paused(), self.clock.paused():  # neither throughput nor budget
                     self._evaluate_and_log(metrics, trackers)
             if save_due:
@@ -573,6 +574,38 @@ class Trainer:
             ev.update(ext.eval_metrics(self.model))
         return ev
 
+    def _eval_due(self) -> bool:
+        """An evaluation at this step: every --eval-interval steps, and under --max-time only while
+        this one and the final one fit in --eval-budget of it (so evaluation stays a small, known
+        share of a budgeted run on any machine). The step-0 evaluation of a budgeted run is skipped
+        (its loss, about ln(vocab) for a fresh model, is known) unless the run starts from weights."""
+        c, st = self.cfg, self.state
+        if st.step % c.train.eval_interval:
+            return False
+        budget = c.train.eval_budget * c.train.max_time
+        if budget <= 0:
+            return True
+        if st.step == 0:
+            return c.model.init_from is not None
+        # This evaluation's cost: the last one's, else estimated from the step time (a batch's
+        # forward costs under half its forward and backward). Ranks decide on the largest figures.
+        cost = st.last_eval.get("eval_s")
+        if cost is None:
+            per_token = self.clock() / (st.step * self.tokens_per_step)
+            tokens = 2 * c.train.eval_samples * c.data.batch_size * self.gpt_config.block_size
+            cost = 0.5 * per_token * tokens * self.dist.world_size
+        spent, cost = distributed.max_over_ranks([st.eval_time, cost], self.dist, self.device)
+        if spent + 2 * cost <= budget:
+            return True
+        if not self._eval_budget_said:
+            self._eval_budget_said = True
+            self.say(
+                f"step {st.step}: evaluations skipped from here on (each takes ~{cost:.1f} s; "
+                f"--eval-budget {c.train.eval_budget:g} of --max-time is {budget:.1f} s, "
+                f"{spent:.1f} s spent); the final one runs"
+            )
+        return False
+
     def _before_eval_batch(self) -> None:
         faults.point("eval_batch")
         if not self.dist.enabled:
@@ -587,7 +620,7 @@ class Trainer:
         ev = self.evaluate()
         eval_s = time.perf_counter() - t0
         st.eval_time += eval_s
-        st.last_eval = {**ev, "step": st.step}
+        st.last_eval = {**ev, "step": st.step, "eval_s": eval_s}
         is_best = ev["val_loss"] < st.best_val_loss
         if is_best:
             st.best_val_loss = ev["val_loss"]

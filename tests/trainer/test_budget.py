@@ -27,7 +27,9 @@ def timed_run(flags: dict, slow_eval_s: float, monkeypatch) -> dict:
 
 def test_slow_evaluations_do_not_shorten_the_training_budget(tiny_flags, tmp_path, monkeypatch) -> None:
     budget = 4.0
-    flags = tiny_flags | dict(max_iters=100_000, max_time=budget, eval_interval=5, log_interval=5)
+    flags = tiny_flags | dict(
+        max_iters=100_000, max_time=budget, eval_interval=5, log_interval=5, eval_budget=0.0
+    )
     fast = timed_run(flags | dict(output_dir=str(tmp_path / "fast")), 0.0, monkeypatch)
     slow = timed_run(flags | dict(output_dir=str(tmp_path / "slow")), 0.5, monkeypatch)
     for r in (fast, slow):
@@ -39,6 +41,29 @@ def test_slow_evaluations_do_not_shorten_the_training_budget(tiny_flags, tmp_pat
     assert slow["wall_time_s"] >= slow["train_time_s"] + slow["eval_time_s"]
     # both trained for the budget: the same number of steps to within the steps' own noise
     assert slow["iters"] >= 0.6 * fast["iters"]
+
+
+def test_eval_budget_caps_evaluation_time_and_keeps_the_final_one(tiny_flags, tmp_path, monkeypatch) -> None:
+    """--eval-budget 0.25 of a 4 s budget, 0.4 s per evaluation: at most 1 s of evaluation, the
+    step-0 one skipped, some every-2-steps ones run, the final one at the last step."""
+    flags = tiny_flags | dict(
+        max_iters=100_000, max_time=4.0, eval_interval=2, log_interval=2, eval_budget=0.25
+    )
+    r = timed_run(flags | dict(output_dir=str(tmp_path / "capped")), 0.4, monkeypatch)
+    evals = [e for e in _records(tmp_path / "capped") if "val_loss" in e]
+    assert r["eval_time_s"] <= 0.25 * 4.0 + 0.2, r["eval_time_s"]  # + one evaluation's own work
+    assert len(evals) == 2, [e["step"] for e in evals]  # 0.4 s each: one at step 2, the final
+    assert evals[0]["step"] == 2 and evals[-1]["step"] == r["iters"] > 4
+    # no budget: every interval, step 0 included
+    r0 = timed_run(flags | dict(output_dir=str(tmp_path / "all"), eval_budget=0.0), 0.0, monkeypatch)
+    steps = [e["step"] for e in _records(tmp_path / "all") if "val_loss" in e]
+    assert steps[0] == 0 and steps[:3] == [0, 2, 4] and steps[-1] == r0["iters"]
+
+
+def _records(out) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "state"])
