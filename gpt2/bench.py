@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # run by its path, python gpt2/bench.py
 # were measured, so the ratio compares the same work. nanoGPT ran unchanged but for the shape and
 # batch, so with its own defaults: no biases and no dropout (our GPT-2 preset trains with both,
 # as the earlier system did; the ``vanilla-ref`` case times that); one micro-batch per step.
-AS_MEASURED: dict[str, Any] = dict(bias=False, dropout=0.0, gradient_accumulation=1)
+AS_MEASURED: dict[str, Any] = dict(bias=False, dropout=0.0, gradient_accumulation=1, optimizer="adamw")
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_name="tiny", block_size=64, batch_size=8, dtype="float32", **AS_MEASURED),
     "gpt2-cpu": dict(model_name="gpt2", block_size=256, batch_size=4, dtype="float32", **AS_MEASURED),

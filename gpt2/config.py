@@ -194,9 +194,10 @@ class DataSection:
 class OptimSection:
     """Optimizer and learning rate."""
 
-    optimizer: str = opt(
-        "adamw",
-        "optimizer; adam gets no weight decay, use adamw for decoupled decay",
+    optimizer: str | None = opt(
+        None,
+        "optimizer; adam gets no weight decay, use adamw for decoupled decay (preset default: muon "
+        "for tiny, adamw otherwise)",
         choices=OPTIMIZERS,
     )
     learning_rate: float | None = opt(None, "peak learning rate (preset default: 6e-4 GPT-2)", rule=POSITIVE)
@@ -333,7 +334,7 @@ class TrainSection:
     eval_interval: int | None = opt(None, "steps between evaluations", rule=POSITIVE)
     eval_samples: int | None = opt(None, "batches per split per evaluation", rule=POSITIVE)
     eval_budget: float = opt(
-        0.04,
+        0.05,
         "with --max-time: evaluations at --eval-interval run only while evaluation time stays within "
         "this fraction of --max-time (the one at step 0 is then skipped; the final one always runs; "
         "0: no limit)",
@@ -417,6 +418,7 @@ SECTIONS: dict[str, type] = {
 
 # Defaults for preset-dependent fields when the preset does not set them.
 FALLBACKS: dict[str, Any] = dict(
+    optimizer="adamw",
     block_size=1024,
     dropout=0.0,
     batch_size=8,

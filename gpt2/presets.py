@@ -39,18 +39,20 @@ PRESETS: dict[str, Preset] = {
         4,
         128,
         why=(
-            "CPU preset for the quickstart and tests. Chosen by validation loss at equal wall time "
-            "on 2 cores (180 s quickstart runs, bf16): batch 16 x block 64 beats batch 8 (val 5.00 "
-            "vs 4.90 at ~105 s); lr 2e-3 beats 1.5e-3 (4.81 vs 4.75 at step 800) and 3e-3 (5.04 "
-            "vs 4.71 at the end). No dropout (the model underfits); beta2 0.99 because runs are "
-            "only hundreds of steps long. Evaluation: 8 batches per split every 200 steps keeps "
-            "it under 5% of the run."
+            "CPU preset for the quickstart and tests. Chosen by validation loss after 90 s of "
+            "training on 2 AMD EPYC cores, fp32 (experiments/tiny-preset-sweep.toml; the README's "
+            "Performance section has the table): Muon at lr 8e-3 reached 5.09, against 5.25 at "
+            "4e-3, 5.10 at 1.6e-2 and AdamW's best 5.77 (lr 1e-3; 5.78 at 2e-3, the previous "
+            "preset); batch 16 against 8 and 32 (batch sweep in the same section). No dropout (the "
+            "model underfits); beta2 0.99 because runs are only hundreds of steps long. Evaluation: "
+            "8 batches per split every 200 steps, capped by --eval-budget under --max-time."
         ),
         train=dict(
             block_size=64,
             batch_size=16,
             gradient_accumulation=1,
-            learning_rate=2e-3,
+            optimizer="muon",
+            learning_rate=8e-3,
             warmup_steps=50,
             dropout=0.0,
             beta2=0.99,

@@ -22,6 +22,7 @@ def test_every_documented_experiment_is_shipped_with_its_claim() -> None:
         "b200-spam-magnitude",
         "b200-bitter7",
         "ddp-4gpu-ra",
+        "tiny-preset-sweep",
     }
     assert expected <= set(NAMES)
     for e in experiments():
@@ -36,6 +37,7 @@ def test_list_experiments_prints_them(capsys) -> None:
 
 def cpu_scale(corpus_dir, data_dir, out_dir) -> list[str]:
     flags = tiny_run_flags(corpus_dir, data_dir, out_dir, max_iters=6, max_time=0)
+    del flags["optimizer"], flags["learning_rate"]  # the file's own (or ablated by it)
     flags |= dict(gradient_accumulation=1, warmup_steps=2, tracker="none", eval_interval=3, eval_samples=1)
     return as_argv(flags)
 
@@ -58,7 +60,13 @@ def test_experiment_runs_at_cpu_scale(name, corpus_dir, data_dir, tmp_path) -> N
     assert run(cfg) == 0
     if cfg.ablation.ablation_mode or cfg.ablation.ablate:
         summary = json.loads((tmp_path / "out" / "ablation_summary.json").read_text())
-        assert all(r["status"] == "done" for r in summary["runs"]) and len(summary["runs"]) == 5
+        arms = 1
+        for axis in (cfg.ablation.ablate or "").split(";"):
+            arms *= len(axis.partition("=")[2].split(",")) if axis.strip() else 1
+        if cfg.ablation.ablation_mode:
+            arms = len(cfg.ablation.ablation_steps.split(","))
+        arms *= cfg.ablation.ablation_seeds
+        assert all(r["status"] == "done" for r in summary["runs"]) and len(summary["runs"]) == arms
         return
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["iters"] == 6

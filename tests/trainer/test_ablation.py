@@ -354,6 +354,7 @@ def test_an_arm_that_cannot_run_stops_the_ablation_before_any_training(tmp_path)
 
 def test_ablate_optimizer_runs_every_arm_from_the_same_start(tiny_flags, tmp_path) -> None:
     flags = tiny_flags | dict(max_iters=6, eval_interval=3, output_dir=str(tmp_path / "abl"))
+    del flags["optimizer"]  # the ablated setting
     cfg = parse([*as_argv(flags), "--ablate", "optimizer=adamw,adamwspam", "--ablation-seeds", "2"])
     summary = run_ablation(cfg)
     assert summary["control"] == "adamw" and [a["step"] for a in summary["by_step"]] == ["adamw", "adamwspam"]
@@ -391,6 +392,7 @@ def test_the_report_opens_with_the_answer_and_every_image_decodes(tiny_flags, tm
     from matplotlib.image import imread
 
     flags = tiny_flags | dict(max_iters=4, eval_interval=2, output_dir=str(tmp_path / "abl"))
+    del flags["learning_rate"]  # the ablated setting
     summary = run_ablation(parse([*as_argv(flags), "--ablate", "learning-rate=1e-3,3e-3"]))
     for arm in summary["by_step"]:  # both ran 4 steps: the equal-token comparison is at the end
         assert arm["val_loss_at_equal_tokens"] == pytest.approx(arm["final_val_loss"])
