@@ -582,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.isa != "native":
         from gpt2.runtime import CPU_ISA_ENV
 
+        if args.isa not in _cpu_model().lower().replace("-", ""):  # "[AVX2, AVX-512]": what it has
+            p.error(f"--isa {args.isa}: this CPU has no {args.isa.upper()} ({_cpu_model()})")
+
         os.environ.update(CPU_ISA_ENV[args.isa])  # inherited by every worker process
     worker_args = ["--preset", preset, "--steps", str(steps), "--warmup", str(warmup),
                    "--device", args.device, "--out", str(out.resolve()),

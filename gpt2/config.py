@@ -200,7 +200,9 @@ class OptimSection:
         "for tiny, adamw otherwise)",
         choices=OPTIMIZERS,
     )
-    learning_rate: float | None = opt(None, "peak learning rate (preset default: 6e-4 GPT-2)", rule=POSITIVE)
+    learning_rate: float | None = opt(
+        None, "peak learning rate (preset default: 6e-4 GPT-2; tiny 8e-3 with Muon, else 2e-3)", rule=POSITIVE
+    )
     min_lr: float | None = opt(None, "floor of the cosine decay (preset default: lr/10)")
     warmup_steps: int | None = opt(None, "linear warmup steps (preset default: 200 GPT-2)", rule=NON_NEGATIVE)
     decay_lr: bool = opt(True, "cosine-decay the LR to --min-lr (off: constant after warmup)")
@@ -336,8 +338,8 @@ class TrainSection:
     eval_budget: float = opt(
         0.05,
         "with --max-time: evaluations at --eval-interval run only while evaluation time stays within "
-        "this fraction of --max-time (the one at step 0 is then skipped; the final one always runs; "
-        "0: no limit)",
+        "this fraction of --max-time (the one at step 0 is then skipped unless --init-from; the final "
+        "one always runs; 0: no limit)",
         rule=FRACTION,
     )
     max_bad_steps: int = opt(
@@ -600,11 +602,14 @@ def resolve(values: dict[str, Any], explicit: set[str] | None = None, *, check: 
     preset = PRESETS.get(cfg.model.model_name)
     if preset is None:
         raise ConfigError(f"unknown --model-name {cfg.model.model_name!r}; choose from {', '.join(PRESETS)}")
+    lr_given = cfg.optim.learning_rate is not None
     for sec in SECTIONS:
         obj = getattr(cfg, sec)
         for f in fields(obj):
             if getattr(obj, f.name) is None and (f.name in preset.train or f.name in FALLBACKS):
                 setattr(obj, f.name, preset.train.get(f.name, FALLBACKS.get(f.name)))
+    if not lr_given:  # the preset's LR for the optimizer the run ends up with
+        cfg.optim.learning_rate = preset.lr_by_optimizer.get(cfg.optim.optimizer, cfg.optim.learning_rate)
     if cfg.optim.min_lr is None:
         cfg.optim.min_lr = cfg.optim.learning_rate / 10
     _resolve_pruning(cfg)
@@ -672,7 +677,8 @@ def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
     )
     _check(
         o.optimizer != "muon" or cfg.dist.parallel != "fsdp",
-        "--optimizer muon orthogonalises whole matrices, which FSDP shards: use --parallel ddp",
+        "--optimizer muon (the tiny preset's default) orthogonalises whole matrices, which FSDP "
+        "shards: use --parallel ddp or --optimizer adamw",
     )
     prune_flags = sorted(n for n in given if n.startswith("adamwprune_"))
     _check(
@@ -777,6 +783,10 @@ def validate(cfg: RunConfig) -> None:
     _check(
         not (t.num_epochs is not None and "max_iters" in cfg.explicit),
         "give --num-epochs or --max-iters, not both",
+    )
+    _check(
+        "eval_budget" not in cfg.explicit or t.max_time > 0,
+        "--eval-budget caps evaluation under --max-time: give --max-time too",
     )
     for name in ("log_interval", "eval_interval", "eval_samples"):
         _check(getattr(t, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(t, name)}")

@@ -66,6 +66,8 @@ def read(path: str | Path) -> tuple[dict[str, Any], list[str] | None]:
             if home != sec:
                 raise ConfigError(f"{path}: {where} belongs in [{home}]")
             if name in repeat and isinstance(value, list):  # ablate = ["a=1,2", "b=3,4"]: two axes
+                if not value:
+                    raise ConfigError(f"{path}: {where} is an empty list: give at least one KEY=V1,V2")
                 value = "; ".join(_typed(path, where, v, kind) for v in value)
             values[name] = _typed(path, where, value, kind)
     return values, given

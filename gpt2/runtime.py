@@ -81,7 +81,7 @@ def cpu_has_native_bf16() -> bool:
     (1024x768) @ (768x3072) one 27 against 14 ms, and the tiny training step 192 against 137 ms.
     """
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if limit and "AMX" not in limit and limit != "ALL":  # AMX switched off (CPU_ISA_ENV)
+    if limit and "AMX" not in limit and limit not in ("ALL", "DEFAULT"):  # AMX off (CPU_ISA_ENV)
         return False
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 

@@ -32,7 +32,7 @@ from gpt2.trainer.run import train_once
 BASE = dict(
     model_name="tiny", max_iters=24, eval_interval=8, eval_samples=2, log_interval=4, device="cpu",
     dtype="float32", quiet=True, sample_tokens=0, save_checkpoint=True, checkpoint_interval=12,
-    warmup_steps=4,
+    warmup_steps=4, optimizer="adamw", learning_rate=2e-3,  # stated: the tiny preset's own is Muon at 8e-3
 )  # fmt: skip
 PRUNE = dict(pruning_warmup=4, pruning_ramp_end=20, pruning_frequency=4, target_sparsity=0.5)
 STATE = dict(pruning_method="state", optimizer="adamwprune", **PRUNE)

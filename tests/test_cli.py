@@ -86,6 +86,29 @@ def test_presets_fill_unset_flags_and_flags_win() -> None:
     assert cfg.optim.learning_rate == 6e-4 and cfg.optim.min_lr == 6e-5 and cfg.optim.decay_lr
 
 
+def test_tiny_preset_trains_with_muon_and_each_optimizer_gets_its_lr() -> None:
+    cfg = parse(["--model-name", "tiny"])
+    assert (cfg.optim.optimizer, cfg.optim.learning_rate, cfg.optim.min_lr) == ("muon", 8e-3, 8e-4)
+    cfg = parse(["--model-name", "tiny", "--optimizer", "adamw"])
+    assert (cfg.optim.learning_rate, cfg.optim.min_lr) == (2e-3, 2e-4)  # not Muon's
+    cfg = parse(["--model-name", "tiny", "--learning-rate", "1e-3"])
+    assert (cfg.optim.optimizer, cfg.optim.learning_rate) == ("muon", 1e-3)  # a given LR wins
+    assert parse(["--model-name", "gpt2"]).optim.optimizer == "adamw"
+
+    from gpt2.trainer.ablation import arm_config, arms_of
+
+    abl = parse(["--model-name", "tiny", "--ablate", "optimizer=adamw,muon"])
+    arms, _ = arms_of(abl)
+    lrs = [arm_config(abl, a, 1337, REPO / "unused").optim.learning_rate for a in arms]
+    assert lrs == [2e-3, 8e-3]  # each arm resolved afresh: its optimizer's LR
+
+
+def test_eval_budget_needs_max_time() -> None:
+    with pytest.raises(SystemExit):
+        parse(["--eval-budget", "0.1"])
+    assert parse(["--eval-budget", "0.1", "--max-time", "60"]).train.eval_budget == 0.1
+
+
 def test_every_field_has_a_flag_in_grouped_help() -> None:
     text = build_parser().format_help()
     for flag in (

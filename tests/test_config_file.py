@@ -61,6 +61,7 @@ def test_ablate_in_a_file_takes_a_list_of_axes_like_the_repeated_flag(tmp_path) 
         ("[data]\nlearning-rate = 1e-3\n", "[data] learning-rate belongs in [optim]"),
         ("[optim\n", "not valid TOML"),
         ("[ablation]\nablate = ['optimizer=adamw', 3]\n", "[ablation] ablate must be str, got int"),
+        ("[ablation]\nablate = []\n", "[ablation] ablate is an empty list"),
     ],
 )
 def test_bad_files_give_one_line_naming_the_file_and_exit_2(tmp_path, capsys, text, message) -> None:

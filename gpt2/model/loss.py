@@ -8,9 +8,9 @@ pass; the loss is read off it and the gradient is the softmax itself, less one a
 It is exact: same loss and gradients as ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)``
 up to float rounding (tested).
 
-Under CPU bf16 autocast the three head matmuls run in bf16 (AMX / AVX512-BF16 make them 3-5x
-faster than fp32) while the softmax stays in fp32, which is the precision autocast itself gives
-``linear`` followed by ``cross_entropy``.
+Under CPU bf16 autocast the three head matmuls run in bf16 (AMX makes them 3-5x faster than
+fp32; AVX512-BF16 alone does not) while the softmax stays in fp32, which is the precision autocast
+itself gives ``linear`` followed by ``cross_entropy``.
 """
 
 from __future__ import annotations
@@ -76,27 +76,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     hc, safe, valid = hx[start:end], safe_all[start:end], valid_all[start:end]
                     logits = torch.mm(hc, wx.t())
                     # One softmax pass (each 50k row stays in cache) instead of log_softmax, exp and
-                    # a scaling pass over the whole chunk: the loss is -log p[target], and the
-                    # row scale moves onto the small (rows x C) operands of the two gradient matmuls.
+                    # a scaling pass over the whole chunk: the loss is read off it (_target_nll),
+                    # and the row scale moves onto the small (rows x C) operands of the two matmuls.
                     probs = torch.softmax(logits, dim=1, dtype=torch.float32)
                     total += (_target_nll(logits, probs, safe) * valid).sum()
                     if not need_grad:
                         continue
                     probs.scatter_add_(1, safe, -torch.ones_like(valid).unsqueeze(1))
                     scale = scale_all[start:end].unsqueeze(1)
-                    if low:
+                    if low:  # bf16 products; their scaling happens in fp32, below
                         gc = group[start - g0 : end - g0]
                         gc.copy_(probs)
                         torch.mm(gc, wx, out=grad_h[start:end])
                     else:
-                        torch.mm(probs, wx, out=grad_h[start:end])
+                        torch.mm(probs, wx, out=grad_h[start:end]).mul_(scale)
                         hs = hc * scale
                         grad_w = probs.t() @ hs if grad_w is None else grad_w.addmm_(probs.t(), hs)
-                    grad_h[start:end].mul_(scale.to(grad_h.dtype))
-                if need_grad and low:
-                    hs = hx[g0:g1] * scale_all[g0:g1].unsqueeze(1).to(hx.dtype)
-                    part = torch.mm(group[: g1 - g0].t(), hs)
-                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
+                if need_grad and low:  # the 0/1 mask is exact in bf16; 1/count is applied in fp32
+                    hs = hx[g0:g1] * valid_all[g0:g1].unsqueeze(1).to(hx.dtype)
+                    part = torch.mm(group[: g1 - g0].t(), hs).float().div_(count)
+                    grad_w = part if grad_w is None else grad_w.add_(part)
+            if need_grad and low:
+                grad_h = grad_h.float().mul_(scale_all.unsqueeze(1))
             # Kept on ctx rather than saved: backward scales them in place (no 25 MB copy per
             # step) and drops them, so a second backward fails loudly instead of scaling twice.
             ctx.grads = (grad_h.to(h.dtype), grad_w.to(weight.dtype)) if need_grad else None

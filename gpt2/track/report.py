@@ -404,7 +404,15 @@ def draw_arm_bands(arms: dict[str, list[Run]], out: Path) -> list[tuple[str, Pat
     fig = _figure(2)
     for ax, x, label in zip(fig.axes, ("tokens", "elapsed_s"), ("tokens", "training time (s)")):
         for i, (name, rs) in enumerate(arms.items()):
-            curves = [_series(r.evals, x, "val_loss") for r in rs]
+            curves = [c for c in (_series(r.evals, x, "val_loss") for r in rs) if c[0]]
+            if curves and all(len(c[0]) == 1 for c in curves):  # one evaluation each: a point, min-max bar
+                xs, ys = [c[0][0] for c in curves], [c[1][0] for c in curves]
+                mean = sum(ys) / len(ys)
+                ax.errorbar(
+                    [sum(xs) / len(xs)], [mean], yerr=[[mean - min(ys)], [max(ys) - mean]], fmt="o",
+                    color=f"C{i % 10}", capsize=3, label=f"{name} ({len(curves)} seeds)",
+                )  # fmt: skip
+                continue
             curves = [c for c in curves if len(c[0]) > 1]
             if not curves:
                 continue
@@ -426,7 +434,7 @@ def draw_arm_bands(arms: dict[str, list[Run]], out: Path) -> list[tuple[str, Pat
         ax.set_title("validation loss per arm (mean, min-max over seeds)")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-        if ax.get_lines():
+        if ax.get_lines() or ax.containers:
             ax.legend(fontsize="small")
     path = out / "arms_val_loss.png"
     fig.savefig(path, dpi=100)

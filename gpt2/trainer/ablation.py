@@ -270,6 +270,11 @@ def interpolate(curve: list[tuple[float, float, float]], axis: int, at: float) -
     return interp([x for x, _ in pts], [y for _, y in pts], at)
 
 
+# A run whose last evaluation comes within this fraction after the equal-time budget (a
+# time-budgeted run overshoots by at most one step) is scored by that evaluation at equal time.
+EQUAL_TIME_SLACK = 0.02
+
+
 def _equal_budgets(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """The common token and training-time budget of the finished runs (the smallest run's), and
     each run's val loss there: arms compared at equal tokens and at equal training time."""
@@ -282,7 +287,12 @@ def _equal_budgets(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     }
     for r in done:
         r["val_loss_at_equal_tokens"] = interpolate(r["curve"], 0, budget["tokens"])
-        r["val_loss_at_equal_time"] = interpolate(r["curve"], 1, budget["train_time_s"])
+        at_time = interpolate(r["curve"], 1, budget["train_time_s"])
+        if at_time is None:  # time-budgeted arms all end at the budget, give or take a step
+            last = max(r["curve"], key=lambda p: p[1])
+            if last[1] <= budget["train_time_s"] * (1 + EQUAL_TIME_SLACK):
+                at_time = last[2]
+        r["val_loss_at_equal_time"] = at_time
     return budget
 
 
@@ -390,7 +400,8 @@ def _equal_text(equal: dict[str, Any]) -> str:
     return (
         f" The equal-budget columns compare every arm at the smallest run's budget, {equal['tokens']:,.0f} "
         f"tokens and {equal['train_time_s']:.1f} s of training, its val loss interpolated between "
-        "evaluations."
+        f"evaluations (at equal time, a final evaluation up to {EQUAL_TIME_SLACK:.0%} later counts as "
+        "at the budget)."
     )
 
 

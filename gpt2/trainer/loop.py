@@ -129,6 +129,7 @@ class Trainer:
         self._saved_step = -1  # the step checkpoint_last.pt holds, where this process knows it
         self._segment_start = 0  # the step this process started training from
         self._eval_budget_said = False
+        self._evals_done = 0  # evaluations this process ran (the first compiles, under --compile)
         self._fit_start, self._wall_base = time.perf_counter(), 0.0
         self.tokens_per_s = 0.0  # throughput of the latest log window
 
@@ -590,7 +591,7 @@ class Trainer:
         # This evaluation's cost: the last one's, else estimated from the step time (a batch's
         # forward costs under half its forward and backward). Ranks decide on the largest figures.
         cost = st.last_eval.get("eval_s")
-        if cost is None:
+        if cost is None or (c.model.compile and self._evals_done < 2):  # the first one compiled
             per_token = self.clock() / (st.step * self.tokens_per_step)
             tokens = 2 * c.train.eval_samples * c.data.batch_size * self.gpt_config.block_size
             cost = 0.5 * per_token * tokens * self.dist.world_size
@@ -621,6 +622,7 @@ class Trainer:
         eval_s = time.perf_counter() - t0
         st.eval_time += eval_s
         st.last_eval = {**ev, "step": st.step, "eval_s": eval_s}
+        self._evals_done += 1
         is_best = ev["val_loss"] < st.best_val_loss
         if is_best:
             st.best_val_loss = ev["val_loss"]

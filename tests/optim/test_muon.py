@@ -125,7 +125,7 @@ def test_muon_with_magnitude_pruning_keeps_the_pruned_weights_at_zero(tiny_flags
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (dict(parallel="fsdp"), "--optimizer muon orthogonalises whole matrices"),
+        (dict(parallel="fsdp"), "orthogonalises whole matrices, which FSDP shards"),
         (
             dict(pruning_method="state", pruning_warmup=2),
             "--pruning-method state needs --optimizer adamwprune",

@@ -439,3 +439,19 @@ def test_the_ablation_is_validated_as_its_control_arm_and_arm_folders_are_safe(t
     )
     names = [a.name for a in arms_of(paths)[0]]
     assert "/" not in names[0] and names[1] == "shakespeare"
+
+
+def test_time_budgeted_arms_with_only_a_final_evaluation_compare_at_equal_time() -> None:
+    """Each arm evaluated once, at the end of its 90 s (give or take a step): the equal-time column
+    is each final loss; equal tokens cannot be read off one point each and stays empty."""
+    from gpt2.trainer.ablation import _equal_budgets
+
+    rows = [
+        dict(status="done", curve=[(170_000, 90.1, 5.2)]),
+        dict(status="done", curve=[(220_000, 90.6, 5.7)]),
+        dict(status="done", curve=[(200_000, 95.0, 5.5)]),  # 5% late: not at the same time
+    ]
+    budget = _equal_budgets(rows)
+    assert budget == {"tokens": 170_000, "train_time_s": 90.1}
+    assert [r["val_loss_at_equal_time"] for r in rows] == [5.2, 5.7, None]
+    assert [r["val_loss_at_equal_tokens"] for r in rows] == [5.2, None, None]
