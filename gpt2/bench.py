@@ -207,10 +207,7 @@ def _worker(
         "tokens_per_step": tokens,
         "dtype": str(trainer.dtype).replace("torch.", ""),
         "device": str(trainer.device),
-        "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
+        **_machine(trainer.device),
     }
 
 
@@ -282,10 +279,7 @@ def _reference_worker(case: str, cfg: Any, steps: int, warmup: int) -> dict[str,
         "tokens_per_step": tokens,
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
+        **_machine(device),
     }
 
 
@@ -326,13 +320,7 @@ def _generate_worker(case: str, cfg: Any) -> dict[str, Any]:
         same &= tokens[True] == tokens[False]
         out["new_tokens" + key] = n
     out["same_tokens"] = same
-    out |= {
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-    }
-    return out
+    return out | _machine(device)
 
 
 def _gemm_worker(device_name: str) -> dict[str, Any]:
@@ -450,8 +438,20 @@ def _row(r: dict[str, Any], base: dict[str, Any] | None, ref: dict[str, Any] | N
     )
 
 
-def _cpu_model() -> str:
-    """The CPU's model name and its vector extensions that matter here (AVX2, AVX-512, AMX)."""
+def _machine(device: Any) -> dict[str, Any]:
+    """What every case's row records of where it ran."""
+    import torch
+
+    return {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+    }
+
+
+def _cpu_info() -> tuple[str, set[str]] | None:
+    """The CPU's model name and flags from /proc/cpuinfo (None where there is none)."""
     name, flags = "cpu", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -461,9 +461,21 @@ def _cpu_model() -> str:
             elif key.strip() == "flags" and not flags:
                 flags = set(value.split())
     except OSError:
+        return None
+    return name, flags
+
+
+ISA_FLAG = {"avx2": "avx2", "avx512": "avx512f"}  # the /proc/cpuinfo flag each --isa needs
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and its vector extensions that matter here (AVX2, AVX-512, AMX)."""
+    info = _cpu_info()
+    if info is None:
         import platform
 
         return platform.processor() or "cpu"
+    name, flags = info
     have = [tag for f, tag in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX")) if f in flags]
     return f"{name} [{', '.join(have) or 'no AVX2'}]"
 
@@ -582,9 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.isa != "native":
         from gpt2.runtime import CPU_ISA_ENV
 
-        if args.isa not in _cpu_model().lower().replace("-", ""):  # "[AVX2, AVX-512]": what it has
+        info = _cpu_info()
+        if info is not None and ISA_FLAG[args.isa] not in info[1]:
             p.error(f"--isa {args.isa}: this CPU has no {args.isa.upper()} ({_cpu_model()})")
-
         os.environ.update(CPU_ISA_ENV[args.isa])  # inherited by every worker process
     worker_args = ["--preset", preset, "--steps", str(steps), "--warmup", str(warmup),
                    "--device", args.device, "--out", str(out.resolve()),

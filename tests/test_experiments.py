@@ -9,6 +9,7 @@ import pytest
 from gpt2.cli import parse
 from gpt2.experiments import EXPERIMENTS_DIR, experiments
 from gpt2.train import run
+from gpt2.trainer.ablation import arms_of
 from tests.conftest import as_argv, tiny_run_flags
 
 NAMES = [e.name for e in experiments()]
@@ -37,7 +38,7 @@ def test_list_experiments_prints_them(capsys) -> None:
 
 def cpu_scale(corpus_dir, data_dir, out_dir) -> list[str]:
     flags = tiny_run_flags(corpus_dir, data_dir, out_dir, max_iters=6, max_time=0)
-    del flags["optimizer"], flags["learning_rate"]  # the file's own (or ablated by it)
+    del flags["optimizer"]  # the file's own (or ablated by it)
     flags |= dict(gradient_accumulation=1, warmup_steps=2, tracker="none", eval_interval=3, eval_samples=1)
     return as_argv(flags)
 
@@ -60,12 +61,7 @@ def test_experiment_runs_at_cpu_scale(name, corpus_dir, data_dir, tmp_path) -> N
     assert run(cfg) == 0
     if cfg.ablation.ablation_mode or cfg.ablation.ablate:
         summary = json.loads((tmp_path / "out" / "ablation_summary.json").read_text())
-        arms = 1
-        for axis in (cfg.ablation.ablate or "").split(";"):
-            arms *= len(axis.partition("=")[2].split(",")) if axis.strip() else 1
-        if cfg.ablation.ablation_mode:
-            arms = len(cfg.ablation.ablation_steps.split(","))
-        arms *= cfg.ablation.ablation_seeds
+        arms = len(arms_of(cfg)[0]) * cfg.ablation.ablation_seeds
         assert all(r["status"] == "done" for r in summary["runs"]) and len(summary["runs"]) == arms
         return
     results = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -69,6 +69,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_w: torch.Tensor | None = None  # fp32; the first product initialises it (no zero fill)
             group = _group_buffer(vocab, compute_dtype) if need_grad and low else None
             scale_all = valid_all / count  # d loss / d logits = (softmax - onehot) * scale, per row
+            minus_one = torch.full((n, 1), -1.0)
             for g0 in range(0, n, GROUP_ROWS):
                 g1 = min(n, g0 + GROUP_ROWS)
                 for start in range(g0, g1, rows):
@@ -82,13 +83,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     total += (_target_nll(logits, probs, safe) * valid).sum()
                     if not need_grad:
                         continue
-                    probs.scatter_add_(1, safe, -torch.ones_like(valid).unsqueeze(1))
-                    scale = scale_all[start:end].unsqueeze(1)
+                    probs.scatter_add_(1, safe, minus_one[start:end])
                     if low:  # bf16 products; their scaling happens in fp32, below
                         gc = group[start - g0 : end - g0]
                         gc.copy_(probs)
                         torch.mm(gc, wx, out=grad_h[start:end])
                     else:
+                        scale = scale_all[start:end].unsqueeze(1)
                         torch.mm(probs, wx, out=grad_h[start:end]).mul_(scale)
                         hs = hc * scale
                         grad_w = probs.t() @ hs if grad_w is None else grad_w.addmm_(probs.t(), hs)

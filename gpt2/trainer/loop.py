@@ -336,7 +336,7 @@ class Trainer:
         with self.console.progress(self.max_iters, st.step):
             try:
                 # The step-0 evaluation, or the one a signal abandoned after this checkpoint's step.
-                if self._eval_due() and st.last_eval.get("step") != st.step:
+                if st.last_eval.get("step") != st.step and self._eval_due():
                     with window.paused(), self.clock.paused():
                         self._evaluate_and_log(metrics, trackers)
                 stop_reason = self._loop(window, metrics, trackers)

@@ -112,7 +112,6 @@ def _case_flags(case: Case, tiny_flags: dict, out: Path, data_dir: Path) -> dict
     flags = _flags(tiny_flags, out)
     if case.kind == "ablation":
         flags["ablate"] = ABLATE
-        del flags["learning_rate"]  # the ablated setting
     if case.kind == "sample":
         flags |= dict(quiet=False, sample_tokens=400)
     if case.kind == "data":
@@ -139,7 +138,7 @@ def reference(tmp_path_factory, corpus_dir, data_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reference")
     tiny = tiny_run_flags(corpus_dir, data_dir)
     train_once(resolve(_flags(tiny, root / "run")))
-    flags = _flags({k: v for k, v in tiny.items() if k != "learning_rate"}, root / "ablation", ablate=ABLATE)
+    flags = _flags(tiny, root / "ablation", ablate=ABLATE)
     run_ablation(resolve(flags, explicit=set(flags)))
     return {"run": root / "run", **{arm: root / "ablation" / arm for arm in ARMS}}
 

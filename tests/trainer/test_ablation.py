@@ -392,7 +392,6 @@ def test_the_report_opens_with_the_answer_and_every_image_decodes(tiny_flags, tm
     from matplotlib.image import imread
 
     flags = tiny_flags | dict(max_iters=4, eval_interval=2, output_dir=str(tmp_path / "abl"))
-    del flags["learning_rate"]  # the ablated setting
     summary = run_ablation(parse([*as_argv(flags), "--ablate", "learning-rate=1e-3,3e-3"]))
     for arm in summary["by_step"]:  # both ran 4 steps: the equal-token comparison is at the end
         assert arm["val_loss_at_equal_tokens"] == pytest.approx(arm["final_val_loss"])

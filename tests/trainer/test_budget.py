@@ -8,6 +8,7 @@ import pytest
 
 import gpt2.trainer.loop as loop_module
 from gpt2.config import resolve
+from gpt2.track.metrics import read_metrics
 from gpt2.trainer.run import train_once
 
 
@@ -50,20 +51,14 @@ def test_eval_budget_caps_evaluation_time_and_keeps_the_final_one(tiny_flags, tm
         max_iters=100_000, max_time=4.0, eval_interval=2, log_interval=2, eval_budget=0.25
     )
     r = timed_run(flags | dict(output_dir=str(tmp_path / "capped")), 0.4, monkeypatch)
-    evals = [e for e in _records(tmp_path / "capped") if "val_loss" in e]
+    evals = [e for e in read_metrics(tmp_path / "capped" / "metrics.jsonl") if "val_loss" in e]
     assert r["eval_time_s"] <= 0.25 * 4.0 + 0.2, r["eval_time_s"]  # + one evaluation's own work
     assert len(evals) == 2, [e["step"] for e in evals]  # 0.4 s each: one at step 2, the final
     assert evals[0]["step"] == 2 and evals[-1]["step"] == r["iters"] > 4
     # no budget: every interval, step 0 included
     r0 = timed_run(flags | dict(output_dir=str(tmp_path / "all"), eval_budget=0.0), 0.0, monkeypatch)
-    steps = [e["step"] for e in _records(tmp_path / "all") if "val_loss" in e]
+    steps = [e["step"] for e in read_metrics(tmp_path / "all" / "metrics.jsonl") if "val_loss" in e]
     assert steps[0] == 0 and steps[:3] == [0, 2, 4] and steps[-1] == r0["iters"]
-
-
-def _records(out) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "state"])
