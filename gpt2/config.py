@@ -170,6 +170,48 @@ class AblationSection:
     list_experiments: bool = opt(False, "print the experiments/ files with their claims and exit")
 
 
+LAUNCHERS = ("local", "slurm")
+
+
+@dataclass
+class LauncherSection:
+    """Launching an ablation's runs: each (arm, seed) is its own job (local processes or SLURM)."""
+
+    launcher: str = opt(
+        "local",
+        "where each (arm, seed) job runs: local (processes on this machine) or slurm (one SLURM job "
+        "each, through submitit; rerunning the command collects and never resubmits a live job)",
+        choices=LAUNCHERS,
+    )
+    ablation_workers: int = opt(
+        1,
+        "local: jobs at once. On CUDA each gets its own --gpus-per-run GPUs; on CPU the cores are split "
+        "between them and each run's --threads is its share (refused with --max-time: jobs sharing "
+        "memory bandwidth would not train for equal time)",
+        rule=AT_LEAST_ONE,
+    )
+    gpus_per_run: int = opt(
+        1,
+        "GPUs per job; above 1 the job runs under torchrun --nproc_per_node K (local and slurm)",
+        aliases=("--slurm-gpus-per-run",),
+        rule=AT_LEAST_ONE,
+    )
+    slurm_partition: str = opt("", "slurm: partition (empty: the cluster's default)")
+    slurm_time: int = opt(
+        60,
+        "slurm: each job's time limit in minutes; SIGTERM comes 90 s before it, the run checkpoints "
+        "and the job is requeued to resume",
+        rule=POSITIVE,
+    )
+    slurm_account: str = opt("", "slurm: account to charge (empty: your default)")
+    slurm_extra: str | None = opt(
+        None,
+        "slurm: another sbatch option as KEY=VALUE (e.g. qos=high, constraint=h100); repeat the flag",
+        metavar="KEY=VALUE",
+        repeat=True,
+    )
+
+
 @dataclass
 class DataSection:
     """Data."""
@@ -325,6 +367,12 @@ class TrainSection:
         rule=POSITIVE,
     )
     seed: int = opt(1337, "seed for init, dropout and data order")
+    threads: int = opt(
+        0,
+        "CPU threads of this run's kernels (0: OMP_NUM_THREADS if set, else every core the process may "
+        "use); matmul results can depend on it, so ablation jobs record theirs",
+        rule=NON_NEGATIVE,
+    )
     device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", rule=DEVICE)
     dtype: str = opt(
         "auto",
@@ -409,6 +457,7 @@ class DistSection:
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "ablation": AblationSection,
+    "launcher": LauncherSection,
     "data": DataSection,
     "optim": OptimSection,
     "pruning": PruningSection,
@@ -440,6 +489,7 @@ class RunConfig:
 
     model: ModelSection = field(default_factory=ModelSection)
     ablation: AblationSection = field(default_factory=AblationSection)
+    launcher: LauncherSection = field(default_factory=LauncherSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     pruning: PruningSection = field(default_factory=PruningSection)
@@ -530,7 +580,7 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
     return {f.name: getattr(getattr(cfg, sec), f.name) for sec in SECTIONS for f in fields(SECTIONS[sec])}
 
 
-NOT_ABLATABLE = ("ablation", "output")  # sections an arm cannot vary (its folder, resume, ...)
+NOT_ABLATABLE = ("ablation", "launcher", "output")  # sections an arm cannot vary (its folder, resume, ...)
 
 
 def parse_value(name: str, text: str) -> Any:
@@ -716,6 +766,38 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def slurm_extra(text: str | None) -> dict[str, str]:
+    """``"qos=high; constraint=h100"`` (repeated --slurm-extra) -> sbatch options ``{key: value}``."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in (text or "").split(";")):
+        if part:
+            key, eq, value = part.partition("=")
+            _check(bool(eq) and bool(key.strip()), f"--slurm-extra {part!r}: write KEY=VALUE")
+            out[key.strip().lstrip("-")] = value.strip()
+    return out
+
+
+def _validate_launcher(cfg: RunConfig) -> None:
+    """Launcher settings belong to an ablation, and SLURM's to the SLURM launcher."""
+    given = [f.name for f in fields(LauncherSection) if f.name in cfg.explicit]
+    flag = lambda name: "--" + name.replace("_", "-")
+    _check(
+        not given or cfg.ablation.ablation_mode or bool(cfg.ablation.ablate),
+        f"{flag(given[0]) if given else ''} launches ablation runs: give --ablate or --ablation-mode",
+    )
+    launcher = cfg.launcher
+    slurm_only = [n for n in given if n.startswith("slurm_")]
+    _check(
+        launcher.launcher == "slurm" or not slurm_only,
+        f"{flag(slurm_only[0]) if slurm_only else ''} needs --launcher slurm",
+    )
+    _check(
+        launcher.launcher == "local" or launcher.ablation_workers == 1,
+        "--ablation-workers is for --launcher local (SLURM runs as many jobs as it has room for)",
+    )
+    slurm_extra(launcher.slurm_extra)
+
+
 def _validate_ra(cfg: RunConfig) -> None:
     """Unified RA and ablation flags; step names come from the V-step registry."""
     m, a = cfg.model, cfg.ablation
@@ -729,6 +811,7 @@ def _validate_ra(cfg: RunConfig) -> None:
         "--ablation-seeds needs --ablation-mode or --ablate",
     )
     _check(not (a.ablation_mode and a.ablate), "give --ablate or --ablation-mode, not both")
+    _validate_launcher(cfg)
     if a.ablate:
         axes = ablation_axes(a.ablate)
         _check(

@@ -16,8 +16,19 @@ from gpt2.errors import ConfigError
 _configured = False
 
 
-def configure_process() -> None:
-    """Tune this process once: glibc keeps freed memory, torch uses every core we may run on.
+def cpu_threads(requested: int = 0) -> int:
+    """The CPU threads a run uses: ``requested`` (``--threads``), else ``OMP_NUM_THREADS`` when set,
+    else every core this process may run on (its affinity, which a launcher may have narrowed)."""
+    if requested > 0:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def configure_process(threads: int = 0) -> None:
+    """Tune this process: glibc keeps freed memory (once), torch uses :func:`cpu_threads` threads.
 
     On CPU a GPT-2 step allocates and frees the 50k-wide logits and their gradient every
     step; by default glibc hands such blocks back to the kernel (mmap/munmap) and the next
@@ -26,6 +37,8 @@ def configure_process() -> None:
     tensors.
     """
     global _configured
+    with contextlib.suppress(AttributeError, RuntimeError):
+        torch.set_num_threads(cpu_threads(threads))
     if _configured:
         return
     _configured = True
@@ -39,8 +52,6 @@ def configure_process() -> None:
             # to fragment the heap to 4x the resident memory, so larger blocks stay mmapped.
             libc.mallopt(m_mmap_threshold, 32 * 2**20)
             libc.mallopt(m_trim_threshold, 2**30)
-    with contextlib.suppress(AttributeError, RuntimeError):
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 

@@ -35,7 +35,7 @@ def run(cfg: RunConfig) -> int:
     failed = True
     try:
         if cfg.ablation.ablation_mode or cfg.ablation.ablate:
-            from gpt2.trainer.ablation import run_ablation
+            from gpt2.launch.coordinator import run_ablation
 
             run_ablation(cfg)
             stopped = False

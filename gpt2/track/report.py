@@ -469,11 +469,12 @@ def write_report(
     *,
     answer: str | None = None,
     arms: dict[str, list[str]] | None = None,
+    quiet: bool = False,
 ) -> Path:
     """Read the runs under ``paths``; write the PNGs and ``report.html`` to ``out``; returns the page.
 
     ``answer``: an ablation summary (Markdown) that opens the page; ``arms``: arm -> its runs'
-    directories, for the per-arm mean/min-max plots.
+    directories, for the per-arm mean/min-max plots; ``quiet``: print nothing (a partial report).
     """
     runs = load_runs(paths)
     out = Path(out)
@@ -496,8 +497,9 @@ def write_report(
         plots = []
     page = out / HTML
     page.write_text(render_html(runs, header, rows, plots, answer=answer))
-    print(text_table(header, rows))
-    print(f"report: {page} ({len(plots)} plots)")
+    if not quiet:
+        print(text_table(header, rows))
+        print(f"report: {page} ({len(plots)} plots)")
     return page
 
 

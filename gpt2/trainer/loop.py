@@ -65,7 +65,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, extensions: Sequence[Extension] = ()) -> None:
-        configure_process()
+        configure_process(cfg.train.threads)
         faults.point("startup")
         self.cfg = cfg
         self.extensions = Extensions(extensions)
@@ -728,6 +728,7 @@ class Trainer:
             "tokens_per_s": tokens_seen / st.train_time if st.train_time > 0 else 0.0,
             "last_window_tokens_per_s": self.tokens_per_s,
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "threads": torch.get_num_threads(),
             "n_params": self.n_params,
             "stop_reason": stop_reason,
             "bad_steps": st.bad_steps,

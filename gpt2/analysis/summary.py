@@ -1,225 +1,23 @@
-"""Ablations: arms one after another under the same seeds, data order, initial weights and budget.
-
-An arm is a set of setting values on top of the ablation's own settings: one V-step
-(``--ablation-mode --ablation-steps``) or one combination of the ``--ablate KEY=V1,V2`` axes.
-Each (arm, seed) is an ordinary run of :func:`gpt2.trainer.run.train_once` on a configuration
-resolved afresh from the ablation's inputs plus the arm's values (so derived settings follow
-the arm), in ``<output-dir>/<arm>`` (``<output-dir>/<arm>/seed<N>`` with several seeds). The
-row key is still called ``step`` (the arm's name) and the control is the first arm (V0 for a
-V-step ablation that has it). A step that crashes is recorded and the others still run; a rerun with the same
-output dir skips finished steps and resumes an unfinished one from its last checkpoint.
-The summary (``ablation_summary.{json,md,csv}``, and the plots and HTML page of
-:mod:`gpt2.track.report` in ``report/``) is rebuilt from the step folders after every run.
-"""
+"""The summary of an ablation: per-run rows from the run folders, per-arm aggregates against the control
+(paired by seed), equal-budget comparisons, and the files a reader opens (markdown, CSV, LaTeX, JSON,
+and the HTML report of :mod:`gpt2.track.report`). Knows nothing of how the runs were launched."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import gc
 import io
-import itertools
 import json
 import math
-import re
 import statistics
-import sys
-import traceback
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gpt2 import config_file, faults
-from gpt2.config import AblationSection, RunConfig, ablation_axes, flatten, resolve, with_implied
-from gpt2.errors import ConfigError, UserError
-from gpt2.model.steps import get_step, parse_steps
+from gpt2.config import RunConfig
 from gpt2.track.metrics import read_metrics, write_json_atomic
 from gpt2.track.report import interp, write_report
-from gpt2.trainer import checkpoint
-from gpt2.trainer.distributed import from_env
-from gpt2.trainer.signals import STOP, Stopped
 
-BASELINE = "V0"
 SUMMARY = "ablation_summary"
 REPORT_DIR = "report"  # gpt2.track.report's PNGs (loss vs tokens / vs wall time, ...) and report.html
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One arm of an ablation: its name (folder, row), setting values and what it is."""
-
-    name: str
-    values: dict[str, Any]
-    description: str
-
-
-def _label(value: Any) -> str:
-    """A value as part of a folder name: short, and no path separators."""
-    text = repr(value) if isinstance(value, float) else str(value)
-    return re.sub(r"[^A-Za-z0-9.+=-]+", "-", text).strip("-.") or "arm"
-
-
-def arms_of(cfg: RunConfig) -> tuple[list[Arm], str]:
-    """The arms of ``cfg``'s ablation and the name of its control."""
-    if cfg.ablation.ablate:
-        axes = ablation_axes(cfg.ablation.ablate)
-        arms = []
-        for combo in itertools.product(*[[(k, v) for v in values] for k, values in axes]):
-            values = with_implied(dict(combo))  # (an architecture axis wins)
-            name = "_".join(f"{k}={_label(v)}" for k, v in combo) if len(axes) > 1 else _label(combo[0][1])
-            desc = get_step(values["ra_step"]).description if len(axes) == 1 and "ra_step" in values else ""
-            arms.append(Arm(name, values, desc or ", ".join(f"{k} = {_label(v)}" for k, v in combo)))
-        names = [a.name for a in arms]
-        if len(set(names)) < len(names):
-            raise UserError(f"--ablate: two arms would share a folder name ({', '.join(names)})")
-        return arms, arms[0].name
-    steps = parse_steps(cfg.ablation.ablation_steps or "")
-    arms = [Arm(s, with_implied({"ra_step": s}), get_step(s).description) for s in steps]
-    return arms, (BASELINE if BASELINE in steps else steps[0])
-
-
-def step_dir(out: Path, step: str, seed: int, several_seeds: bool) -> Path:
-    return out / step / f"seed{seed}" if several_seeds else out / step
-
-
-def arm_config(cfg: RunConfig, arm: Arm, seed: int, output_dir: Path) -> RunConfig:
-    """A fresh configuration for one run of ``arm``: the ablation's inputs plus the arm's values,
-    resolved again (derived settings follow the arm); ``cfg`` itself is never changed."""
-    flat = flatten(cfg)
-    ablation = {f.name for f in fields(AblationSection)} | {"json_output"}
-    inputs = {k: flat[k] for k in cfg.explicit if k in flat and k not in ablation}
-    inputs |= arm.values | {"seed": seed, "output_dir": str(output_dir)}
-    if not cfg.train.dry_run:
-        inputs["resume"] = "auto"  # an interrupted arm continues where its checkpoint left off
-        inputs["save_checkpoint"] = True  # so that there is a checkpoint to continue from
-    if cfg.track.tracker_run_name or cfg.track.tracker != "none":
-        suffix = f"-{arm.name}" + (f"-seed{seed}" if cfg.ablation.ablation_seeds > 1 else "")
-        inputs["tracker_run_name"] = (cfg.track.tracker_run_name or "ablation") + suffix
-    try:
-        return resolve(inputs, explicit=set(inputs))
-    except ConfigError as e:
-        raise UserError(f"ablation arm {arm.name}: {e}") from None
-
-
-def _stopped_by_signal(results: dict[str, Any]) -> bool:
-    return str(results.get("stop_reason", "")).startswith("signal")
-
-
-def _finished(results_path: Path) -> bool:
-    """Whether a run left results that it reached by its budget (a run stopped by a signal did not)."""
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        return not _stopped_by_signal(json.loads(results_path.read_text()))
-    return False
-
-
-def _release_memory(compiled: bool = False) -> None:
-    gc.collect()
-    import torch
-
-    if compiled:  # every arm compiles afresh: never the recompile limit's silent fall-back to eager
-        torch._dynamo.reset()
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()  # each step reports its own peak
-
-
-def _run_one(cfg: RunConfig, arm: Arm, seed: int, c: RunConfig) -> dict[str, Any]:
-    """Train (or skip, or resume) one (arm, seed) with its config ``c``; returns a status record,
-    never raises but ^C."""
-    from gpt2.trainer.run import train_once
-
-    out_dir = Path(c.output.output_dir)
-    record: dict[str, Any] = {
-        "step": arm.name,
-        "seed": seed,
-        "dir": str(out_dir),
-        "description": arm.description,
-    }
-    if not cfg.train.dry_run and _finished(out_dir / "results.json"):
-        print(
-            f"{arm.name} (seed {seed}): finished earlier, results in {out_dir / 'results.json'}", flush=True
-        )
-        return {**record, "status": "done"}
-    _release_memory(c.model.compile)
-    try:
-        faults.point("arm")
-        results = train_once(c)
-    except (Stopped, KeyboardInterrupt):
-        return {**record, "status": "interrupted"}
-    except Exception as e:  # crash isolation: record it, keep the other steps
-        if isinstance(e, UserError):
-            print(f"error: {e}", file=sys.stderr)
-        else:
-            traceback.print_exc(file=sys.stderr)
-        return {**record, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-    finally:
-        _release_memory()
-    if cfg.train.dry_run:
-        return {**record, "status": "dry-run", "loss": results["loss"], "n_params": results["n_params"]}
-    if _stopped_by_signal(results):
-        return {**record, "status": "interrupted"}
-    if not cfg.output.save_checkpoint and from_env().is_main:  # kept only to resume this step
-        for name in (checkpoint.LAST, checkpoint.BEST):
-            with contextlib.suppress(OSError):
-                (out_dir / name).unlink()
-    return {**record, "status": "done"}
-
-
-def run_ablation(cfg: RunConfig) -> dict[str, Any]:
-    """Run every step of ``--ablation-steps`` for each seed; returns the summary (also written to disk).
-
-    After the summary is written: :class:`~.signals.Stopped` if a stop signal interrupted a run
-    (rerun to continue), :class:`UserError` if a step failed (the others completed and are summarised).
-    """
-    arms, control = arms_of(cfg)
-    seeds = [cfg.train.seed + k for k in range(cfg.ablation.ablation_seeds)]
-    out = Path(cfg.output.output_dir)
-    runs: list[dict[str, Any]] = []
-    todo = [
-        (arm, seed, arm_config(cfg, arm, seed, step_dir(out, arm.name, seed, several_seeds=len(seeds) > 1)))
-        for arm, seed in itertools.product(arms, seeds)
-    ]  # every arm's settings are checked before the first one trains
-    if from_env().is_main and not cfg.train.dry_run:
-        config_file.write(cfg, out / config_file.CONFIG_TOML)  # the whole ablation, replayable
-    between = f"between ablation runs; rerun the same command to continue (finished runs are in {out})"
-    with STOP.cancellable(between):
-        for i, (arm, seed, c) in enumerate(todo, 1):
-            where = c.output.output_dir
-            print(
-                f"=== ablation {i}/{len(todo)}: {arm.name} (seed {seed}) - {arm.description} -> {where}",
-                flush=True,
-            )
-            runs.append(_run_one(cfg, arm, seed, c))
-            if runs[-1]["status"] == "interrupted":
-                break
-    failed = [r for r in runs if r["status"] == "failed"]
-    failures = "; ".join(f"{r['step']} (seed {r['seed']}): {r['error']}" for r in failed)
-    if cfg.train.dry_run:
-        print(f"ablation dry run: {len(runs) - len(failed)}/{len(todo)} steps ok")
-        if failed:
-            raise UserError(f"ablation dry run failed for {failures}")
-        return {"runs": runs}
-    if not from_env().is_main:  # under torchrun every rank trains; rank 0 alone summarises
-        return {"runs": runs}
-    summary = summarize(cfg, [a.name for a in arms], seeds, runs, control)
-    write_summary(out, summary)
-    print(summary_markdown(summary))
-    if runs[-1]["status"] == "interrupted":
-        raise Stopped(
-            STOP.name,
-            f"in run {runs[-1]['step']} (seed {runs[-1]['seed']}); rerun the same command to continue "
-            f"(finished runs are kept in {out}, the stopped one resumes from its checkpoint)",
-        )
-    if failed:
-        raise UserError(
-            f"{len(failed)} of {len(runs)} ablation runs failed ({failures}); the others are in "
-            f"{out / (SUMMARY + '.md')}"
-        )
-    return summary
-
-
-# --------------------------------------------------------------------------- summary
 
 
 def _run_row(run: dict[str, Any]) -> dict[str, Any]:
@@ -233,6 +31,7 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
     }
     if run["status"] != "done":
         row["error"] = run.get("error")
+        row["log_tail"] = run.get("log_tail", [])
         return row
     d = Path(run["dir"])
     r = json.loads((d / "results.json").read_text())
@@ -255,6 +54,7 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         ms_per_step=ms,
         tokens_per_s=tokens_per_step / (ms / 1000) if ms > 0 else 0.0,
         peak_memory_mib=r["peak_memory_bytes"] / 2**20,
+        threads=r.get("threads"),
         n_params=r["n_params"],
         stop_reason=r["stop_reason"],
         final_sparsity=r.get("final_sparsity"),
@@ -309,7 +109,12 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarize(
-    cfg: RunConfig, steps: list[str], seeds: list[int], runs: list[dict[str, Any]], control: str
+    cfg: RunConfig,
+    steps: list[str],
+    seeds: list[int],
+    runs: list[dict[str, Any]],
+    control: str,
+    launched: str = "",
 ) -> dict[str, Any]:
     """Rows per run, aggregates per arm (mean ± std over seeds) and deltas against the control, paired
     by seed (same seed: same data order and, where shapes allow, the same initial weights)."""
@@ -375,6 +180,7 @@ def summarize(
             "tokens_per_step": cfg.tokens_per_step,
         },
         "dataset": cfg.data.dataset,
+        "launched": launched,
     }
 
 
@@ -473,7 +279,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         )
         + _equal_text(s.get("equal_budget") or {})
         + " ms/step is the median over log windows (evaluation excluded); tokens/s follows from it. "
-        "Peak memory: CUDA peak per run; on CPU the process's peak RSS so far.",
+        "Every run is its own process: peak memory is the run's own (CUDA: allocated; CPU: peak RSS)."
+        + (f" Launched: {s['launched']}." if s.get("launched") else ""),
         "",
         "Arms: " + "; ".join(f"{a['step']}: {a['description']}" for a in s["by_step"]) + ".",
     ]
@@ -483,6 +290,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         for r in problems:
             error = f" ({r['error']})" if r.get("error") else ""
             lines.append(f"- {r['step']} seed {r['seed']}: {r['status']}{error}")
+            if r.get("log_tail"):  # the end of its log, where the reason is
+                lines += ["", "  ```", *(f"  {line}" for line in r["log_tail"]), "  ```"]
     return "\n".join(lines)
 
 
@@ -506,6 +315,7 @@ CSV_FIELDS = (
     "val_loss_at_equal_time",
     "tokens_per_s",
     "peak_memory_mib",
+    "threads",
     "n_params",
     "stop_reason",
     "error",
@@ -514,8 +324,9 @@ CSV_FIELDS = (
 )
 
 
-def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    """ablation_summary.json/.md/.csv in ``out``; plots and report.html in ``out/report``."""
+def write_summary(out: Path, summary: dict[str, Any], quiet: bool = False) -> None:
+    """ablation_summary.json/.md/.csv in ``out``; plots and report.html in ``out/report`` (``quiet``:
+    without printing the report's table, as for a partial summary)."""
     write_json_atomic(out / f"{SUMMARY}.json", summary)
     (out / f"{SUMMARY}.md").write_text(summary_markdown(summary) + "\n")
     (out / f"{SUMMARY}.tex").write_text(summary_latex(summary) + "\n")
@@ -530,4 +341,4 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
         for r in summary["runs"]:
             if r["status"] == "done":
                 arms[r["step"]].append(r["dir"])
-        write_report(done, out / REPORT_DIR, answer=summary_markdown(summary), arms=arms)
+        write_report(done, out / REPORT_DIR, answer=summary_markdown(summary), arms=arms, quiet=quiet)

@@ -1,0 +1,1 @@
+"""Analysis of finished runs: ablation summaries and the statistics behind them."""

@@ -1,0 +1,1 @@
+"""Launching runs as jobs: the plan of an ablation, local and SLURM executors, and the coordinator."""

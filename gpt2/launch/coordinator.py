@@ -1,0 +1,263 @@
+"""The coordinator of an ablation: plan every (arm, seed) job, submit them to the chosen executor, watch
+them, collect their results and rebuild the summary after every finished run.
+
+It trains nothing itself: every run is ``gpt2/train.py --config <run>/config.toml`` in its own
+process (so peak memory and timings are the run's own), started by :mod:`gpt2.launch.local` or
+:mod:`gpt2.launch.slurm`. What it submitted is recorded in ``<output-dir>/jobs.json``; rerunning the
+same command skips finished runs, watches the ones an earlier coordinator left queued or running,
+and submits only the rest (an interrupted run resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gpt2 import config_file, faults
+from gpt2.analysis.summary import SUMMARY, summarize, summary_markdown, write_summary
+from gpt2.config import RunConfig
+from gpt2.errors import UserError
+from gpt2.launch.outcome import outcome
+from gpt2.launch.plan import Job, plan
+from gpt2.track.metrics import write_json_atomic
+from gpt2.trainer import checkpoint
+from gpt2.trainer.signals import STOP, Stopped
+
+JOBS_FILE = "jobs.json"
+POLL_S = {"local": 0.1, "slurm": 2.0}  # how often job states are read
+MAX_SUBMISSIONS = 3  # per coordinator: a SLURM job that keeps ending unfinished is then reported
+
+
+def make_executor(cfg: RunConfig) -> Any:
+    """The executor ``cfg`` asks for, checked against this machine (one line when it cannot work)."""
+    launcher = cfg.launcher
+    if launcher.launcher == "slurm":
+        from gpt2.launch.slurm import SlurmExecutor
+
+        gpus = launcher.gpus_per_run if "gpus_per_run" in cfg.explicit else None
+        folder = Path(cfg.output.output_dir) / "slurm"
+        return SlurmExecutor(launcher, folder, threads=cfg.train.threads or 1, gpus=gpus)
+    from gpt2.launch.local import LocalExecutor
+
+    cuda = 0
+    if cfg.train.device != "cpu":
+        import torch
+
+        cuda = torch.cuda.device_count()
+    if not cuda and launcher.ablation_workers > 1 and cfg.train.max_time > 0:
+        raise UserError(
+            "--max-time with --ablation-workers above 1 on CPU is refused: jobs that share this "
+            "machine's cores and memory bandwidth train at speeds set by their neighbours, so arms would "
+            "not get equal time. Use --max-iters (the results are then the sequential ones), or one worker"
+        )
+    return LocalExecutor(launcher.ablation_workers, launcher.gpus_per_run, cuda)
+
+
+def _describe(executor: Any, jobs: list[Job]) -> str:
+    threads = jobs[0].config.train.threads if jobs else 0
+    if executor.name == "slurm":
+        return f"SLURM through submitit, {threads} CPU(s) per job"
+    slots = executor.slots
+    devices = (
+        f"{executor.gpus_per_run} GPU(s) each"
+        if executor.cuda_devices
+        else f"{threads} thread(s) each" + (", cores split between workers" if slots[0].cpus else "")
+    )
+    return f"local processes, {len(slots)} at once, {devices}"
+
+
+class _Board:
+    """One line per job state change, a progress bar over runs, and the job table on disk."""
+
+    def __init__(self, out: Path, jobs: list[Job], launcher: str) -> None:
+        from tqdm import tqdm
+
+        self.path, self.jobs = out / JOBS_FILE, {j.index: j for j in jobs}
+        self.table: dict[str, Any] = {"launcher": launcher, "jobs": {}}
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            old = json.loads(self.path.read_text())
+            if old.get("launcher") == launcher:
+                self.table["jobs"] = old.get("jobs", {})
+        self.state: dict[int, str] = {}
+        self.bar = tqdm(total=len(jobs), unit="run", desc="ablation", dynamic_ncols=True, disable=None)
+
+    def record(self, job: Job) -> dict[str, Any]:
+        return self.table["jobs"].setdefault(str(job.index), {"arm": job.arm.name, "seed": job.seed})
+
+    def say(self, job: Job, state: str, detail: str = "") -> None:
+        self.state[job.index] = state
+        self.record(job)["state"] = state
+        write_json_atomic(self.path, self.table)
+        if state in ("done", "failed"):
+            self.bar.update(1)
+        n = len(self.jobs)
+        self.bar.write(f"[{job.index}/{n}] {job.name}: {state}" + (f" - {detail}" if detail else ""))
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _dry_run(jobs: list[Job]) -> dict[str, Any]:
+    """Build and step every arm's model in this process (no data, no files, nothing submitted)."""
+    from gpt2.trainer.run import train_once
+
+    runs, failed = [], []
+    for job in jobs:
+        print(f"=== dry run {job.index}/{len(jobs)}: {job.name} - {job.arm.description}", flush=True)
+        record = {"step": job.arm.name, "seed": job.seed, "dir": str(job.dir)}
+        try:
+            info = train_once(job.config)
+        except Exception as e:  # every arm is tried; the failures are listed together
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(f"{job.name}: {type(e).__name__}: {e}")
+            runs.append({**record, "status": "failed", "error": str(e)})
+            continue
+        runs.append({**record, "status": "dry-run", "loss": info["loss"], "n_params": info["n_params"]})
+    print(f"ablation dry run: {len(jobs) - len(failed)}/{len(jobs)} steps ok")
+    if failed:
+        raise UserError(f"ablation dry run failed for {'; '.join(failed)}")
+    return {"runs": runs}
+
+
+def run_ablation(cfg: RunConfig, executor: Any = None) -> dict[str, Any]:
+    """Run every (arm, seed) of ``cfg``'s ablation as its own job; returns the summary (also on disk).
+
+    After the summary is written: :class:`~gpt2.trainer.signals.Stopped` if a stop signal ended the
+    ablation (rerun the command to continue), :class:`UserError` if a run failed (the others ran).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "an ablation launches its own runs: start it without torchrun (--gpus-per-run K runs each "
+            "job under torchrun with K processes)"
+        )
+    if cfg.train.dry_run:
+        return _dry_run(plan(cfg)[0])
+    executor = executor or make_executor(cfg)
+    jobs, arms, control, seeds = plan(cfg, executor.threads)  # every arm is checked before any runs
+    out = Path(cfg.output.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file.write(cfg, out / config_file.CONFIG_TOML)  # the whole ablation, replayable
+    board = _Board(out, jobs, executor.name)
+    records: dict[int, dict[str, Any]] = {}
+    launched = _describe(executor, jobs)
+
+    def rebuild(quiet: bool = True) -> dict[str, Any]:
+        runs = [
+            records.get(j.index)
+            or {"step": j.arm.name, "seed": j.seed, "dir": str(j.dir), "status": "not run"}
+            for j in jobs
+        ]
+        for r, j in zip(runs, jobs, strict=True):
+            r["description"] = j.arm.description
+        summary = summarize(cfg, [a.name for a in arms], seeds, runs, control, launched)
+        write_summary(out, summary, quiet)
+        return summary
+
+    print(f"ablation: {len(arms)} arm(s) x {len(seeds)} seed(s) = {len(jobs)} runs; {launched}", flush=True)
+    todo: list[Job] = []
+    for job in jobs:
+        if outcome(job.results_path, job.log_path)["status"] == "done":
+            records[job.index] = _record(job, {"status": "done"})
+            board.say(job, "done", f"finished earlier, results in {job.results_path}")
+        elif executor.reattach(job, board.record(job)):
+            board.say(job, "running", f"still {board.record(job).get('job_id')} from an earlier coordinator")
+        else:
+            todo.append(job)
+    stop: Stopped | None = None
+    between = f"between ablation runs; rerun the same command to continue (finished runs are in {out})"
+    try:
+        with STOP.cancellable(between):
+            stop = _watch(executor, board, todo, records, rebuild, cfg.output.save_checkpoint)
+    except Stopped as e:
+        stop = e
+    if stop is not None:
+        with STOP.deferring():  # the runs save their checkpoints; a repeated signal changes nothing
+            board.bar.write(f"stopping: passing {stop.name} on to the running jobs")
+            executor.stop()
+            for job in executor.live():
+                records[job.index] = _record(job, {"status": "interrupted"})
+    board.close()
+    summary = rebuild(quiet=False)
+    print(summary_markdown(summary))
+    failed = [r for r in summary["runs"] if r["status"] == "failed"]
+    if stop is not None:
+        kept = "finished runs are kept" + (", running SLURM jobs go on" if executor.name == "slurm" else "")
+        raise Stopped(stop.name, f"{stop.where}; rerun the same command to continue ({kept} in {out})")
+    if failed:
+        failures = "; ".join(f"{r['step']} (seed {r['seed']}): {r['error']}" for r in failed)
+        raise UserError(
+            f"{len(failed)} of {len(jobs)} ablation runs failed ({failures}); the others are in "
+            f"{out / (SUMMARY + '.md')}"
+        )
+    return summary
+
+
+def _record(job: Job, result: dict[str, Any]) -> dict[str, Any]:
+    return {"step": job.arm.name, "seed": job.seed, "dir": str(job.dir), **result}
+
+
+def _watch(
+    executor: Any, board: _Board, todo: list[Job], records: dict, rebuild: Any, keep_checkpoints: bool
+) -> Stopped | None:
+    """Submit as room allows and follow every job to its end; returns the stop a run reported, if any."""
+    submissions: dict[int, int] = {}
+    while todo or executor.live():
+        n = min(executor.free(), len(todo))
+        if n:
+            for job in todo[:n]:
+                faults.point("arm")
+                job.write_config()
+            started = executor.submit(todo[:n])
+            for job in todo[:n]:
+                submissions[job.index] = submissions.get(job.index, 0) + 1
+                board.record(job).update(started[job.index])
+                board.say(
+                    job, "queued" if executor.name == "slurm" else "running", started[job.index]["job_id"]
+                )
+            todo = todo[n:]
+        time.sleep(POLL_S[executor.name])
+        for index, state in executor.states().items():
+            job = board.jobs[index]
+            before = board.state.get(index)
+            if state != "ended":
+                if state != before:
+                    board.say(job, "requeued" if (before, state) == ("running", "queued") else state)
+                continue
+            result = outcome(job.results_path, job.log_path)
+            records[index] = _record(job, result)
+            if result["status"] == "done":
+                if not keep_checkpoints:
+                    _drop_resume_checkpoints(job)
+                rebuild()
+                board.say(job, "done", _brief(job))
+            elif result["status"] == "failed":
+                rebuild()
+                board.say(job, "failed", result["error"])
+            elif executor.name == "slurm" and submissions.get(index, 0) < MAX_SUBMISSIONS:
+                board.say(job, "requeued", f"ended unfinished ({result['stop_reason']}): submitted again")
+                todo.append(job)
+            else:  # a local run stopped by a signal: the whole ablation stops with it
+                board.say(job, "interrupted", result["stop_reason"])
+                name = str(result["stop_reason"]).replace("signal ", "").replace("stopped by ", "").split()[0]
+                return Stopped(name, f"in run {job.name}")
+    return None
+
+
+def _brief(job: Job) -> str:
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        r = json.loads(job.results_path.read_text())
+        return f"val loss {r['final_val_loss']:.4f}, {r['iters']} steps, {r['train_time_s']:.1f} s training"
+    return ""
+
+
+def _drop_resume_checkpoints(job: Job) -> None:
+    """A run's checkpoints were kept only to resume it (the ablation did not ask for them)."""
+    for name in (checkpoint.LAST, checkpoint.BEST):
+        with contextlib.suppress(OSError):
+            (job.dir / name).unlink()
