@@ -1,15 +1,17 @@
 """Fault injection at named points, for the tests that prove a run survives signals and dead ranks.
 
-Set ``GPT2_FAULT`` to ``point=NAME,at=N,do=ACTION[,after=SECONDS][,rank=R][,restart=K]``: the
+Set ``GPT2_FAULT`` to ``point=NAME,at=N,do=ACTION[,after=SECONDS][,rank=R][,restart=K][,job=J]``: the
 N-th time (from 1) this process passes :func:`point` ``NAME``, it does ACTION: ``sigterm``,
 ``sigint``, ``sigkill`` (to itself) or ``raise`` (a RuntimeError). ``after`` delays a signal by
 that many seconds on a timer thread, so it lands inside whatever runs then (a matmul, a file
 write). ``rank`` and ``restart`` restrict it to one torchrun rank and one restart generation
-(``TORCHELASTIC_RESTART_COUNT``). Unset, :func:`point` costs one dictionary lookup.
+(``TORCHELASTIC_RESTART_COUNT``); ``job`` to one run of an ablation (``GPT2_JOB``, which the
+local launcher sets to the run's place in the plan, from 1; the coordinator itself has none).
+Unset, :func:`point` costs one dictionary lookup.
 
 Points: ``startup``, ``data`` (each chunk of a data preparation), ``eval_batch``,
 ``micro_step``, ``optimizer_step``, ``step_end``, ``checkpoint_write`` (between writing the
-temporary file and renaming it), ``sample``, ``arm`` (each ablation run).
+temporary file and renaming it), ``sample``, ``arm`` (the coordinator, before it starts each run).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Fault:
     after: float = 0.0
     rank: int | None = None
     restart: int | None = None
+    job: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> Fault:
@@ -45,8 +48,9 @@ class Fault:
                 after=float(kv.pop("after", "0")),
                 rank=int(kv["rank"]) if "rank" in kv else None,
                 restart=int(kv["restart"]) if "restart" in kv else None,
+                job=int(kv["job"]) if "job" in kv else None,
             )
-            kv.pop("rank", None), kv.pop("restart", None)
+            kv.pop("rank", None), kv.pop("restart", None), kv.pop("job", None)
         except (ValueError, KeyError) as e:
             raise ValueError(f"{ENV}={text!r}: expected point=NAME,at=N,do=ACTION ({e})") from None
         if kv or fault.do not in ACTIONS:
@@ -56,7 +60,12 @@ class Fault:
     def applies_here(self) -> bool:
         rank = int(os.environ.get("RANK", "0"))
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        return (self.rank is None or self.rank == rank) and (self.restart is None or self.restart == restart)
+        job = int(os.environ.get("GPT2_JOB", "0"))
+        return (
+            (self.rank is None or self.rank == rank)
+            and (self.restart is None or self.restart == restart)
+            and (self.job is None or self.job == job)
+        )
 
 
 _fault = Fault.parse(os.environ[ENV]) if os.environ.get(ENV) else None

@@ -95,7 +95,7 @@ def test_tiny_preset_trains_with_muon_and_each_optimizer_gets_its_lr() -> None:
     assert (cfg.optim.optimizer, cfg.optim.learning_rate) == ("muon", 1e-3)  # a given LR wins
     assert parse(["--model-name", "gpt2"]).optim.optimizer == "adamw"
 
-    from gpt2.trainer.ablation import arm_config, arms_of
+    from gpt2.launch.plan import arm_config, arms_of
 
     abl = parse(["--model-name", "tiny", "--ablate", "optimizer=adamw,muon"])
     arms, _ = arms_of(abl)

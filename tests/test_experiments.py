@@ -8,8 +8,8 @@ import pytest
 
 from gpt2.cli import parse
 from gpt2.experiments import EXPERIMENTS_DIR, experiments
+from gpt2.launch.plan import arms_of
 from gpt2.train import run
-from gpt2.trainer.ablation import arms_of
 from tests.conftest import as_argv, tiny_run_flags
 
 NAMES = [e.name for e in experiments()]

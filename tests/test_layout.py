@@ -87,6 +87,15 @@ def test_nothing_below_the_trainer_imports_it() -> None:
             assert not [d for d in deps if d.startswith("gpt2.trainer")], mod
 
 
+def test_the_launcher_and_the_analysis_sit_on_top() -> None:
+    """Runs know nothing of how they were launched or summarised; summaries nothing of launching."""
+    for mod, deps in import_graph().items():
+        if not mod.startswith(("gpt2.launch", "gpt2.train")) or mod.startswith("gpt2.trainer"):
+            assert not [d for d in deps if d.startswith("gpt2.launch")], mod
+        if mod.startswith("gpt2.analysis"):
+            assert not [d for d in deps if d.startswith(("gpt2.trainer", "gpt2.launch"))], mod
+
+
 def test_trainer_functions_fit_on_a_screen() -> None:
     long = []
     for path in (PACKAGE / "trainer").rglob("*.py"):

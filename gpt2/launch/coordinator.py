@@ -58,19 +58,6 @@ def make_executor(cfg: RunConfig) -> Any:
     return LocalExecutor(launcher.ablation_workers, launcher.gpus_per_run, cuda)
 
 
-def _describe(executor: Any, jobs: list[Job]) -> str:
-    threads = jobs[0].config.train.threads if jobs else 0
-    if executor.name == "slurm":
-        return f"SLURM through submitit, {threads} CPU(s) per job"
-    slots = executor.slots
-    devices = (
-        f"{executor.gpus_per_run} GPU(s) each"
-        if executor.cuda_devices
-        else f"{threads} thread(s) each" + (", cores split between workers" if slots[0].cpus else "")
-    )
-    return f"local processes, {len(slots)} at once, {devices}"
-
-
 class _Board:
     """One line per job state change, a progress bar over runs, and the job table on disk."""
 
@@ -83,14 +70,12 @@ class _Board:
             old = json.loads(self.path.read_text())
             if old.get("launcher") == launcher:
                 self.table["jobs"] = old.get("jobs", {})
-        self.state: dict[int, str] = {}
         self.bar = tqdm(total=len(jobs), unit="run", desc="ablation", dynamic_ncols=True, disable=None)
 
     def record(self, job: Job) -> dict[str, Any]:
         return self.table["jobs"].setdefault(str(job.index), {"arm": job.arm.name, "seed": job.seed})
 
     def say(self, job: Job, state: str, detail: str = "") -> None:
-        self.state[job.index] = state
         self.record(job)["state"] = state
         write_json_atomic(self.path, self.table)
         if state in ("done", "failed"):
@@ -145,7 +130,7 @@ def run_ablation(cfg: RunConfig, executor: Any = None) -> dict[str, Any]:
     config_file.write(cfg, out / config_file.CONFIG_TOML)  # the whole ablation, replayable
     board = _Board(out, jobs, executor.name)
     records: dict[int, dict[str, Any]] = {}
-    launched = _describe(executor, jobs)
+    launched = executor.describe()
 
     def rebuild(quiet: bool = True) -> dict[str, Any]:
         runs = [
@@ -207,6 +192,7 @@ def _watch(
 ) -> Stopped | None:
     """Submit as room allows and follow every job to its end; returns the stop a run reported, if any."""
     submissions: dict[int, int] = {}
+    seen: dict[int, str] = {}  # each job's last state as the executor reported it
     while todo or executor.live():
         n = min(executor.free(), len(todo))
         if n:
@@ -217,14 +203,13 @@ def _watch(
             for job in todo[:n]:
                 submissions[job.index] = submissions.get(job.index, 0) + 1
                 board.record(job).update(started[job.index])
-                board.say(
-                    job, "queued" if executor.name == "slurm" else "running", started[job.index]["job_id"]
-                )
+                seen[job.index] = "queued" if executor.name == "slurm" else "running"
+                board.say(job, seen[job.index], started[job.index]["job_id"])
             todo = todo[n:]
         time.sleep(POLL_S[executor.name])
         for index, state in executor.states().items():
             job = board.jobs[index]
-            before = board.state.get(index)
+            before, seen[index] = seen.get(index), state
             if state != "ended":
                 if state != before:
                     board.say(job, "requeued" if (before, state) == ("running", "queued") else state)

@@ -73,6 +73,15 @@ class LocalExecutor:
             return cpu_threads()
         return len(self.slots[0].cpus) if self.slots[0].cpus else 1
 
+    def describe(self) -> str:
+        """How the runs are launched, for the summary."""
+        if self.cuda_devices:
+            each = f"{self.gpus_per_run} GPU(s) each"
+        else:
+            split = ", cores split between them" if self.slots[0].cpus else ""
+            each = f"{self.threads} thread(s) each{split}"
+        return f"local processes, {len(self.slots)} at once, {each}"
+
     def free(self) -> int:
         return sum(s.job is None for s in self.slots)
 

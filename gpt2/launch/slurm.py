@@ -61,8 +61,10 @@ class TrainJob:
         if finished(Path(self.results_path)):  # a requeue after the run had finished
             return "finished earlier"
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job_id = "_".join(array) if all(array) else os.environ.get("SLURM_JOB_ID")
         with open(self.log_path, "ab") as log:
-            log.write(start_line(f"slurm job {os.environ.get('SLURM_JOB_ID')}, restart {restarts}"))
+            log.write(start_line(f"slurm job {job_id}, restart {restarts}"))
             log.flush()
             self._proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
             while self._proc.poll() is None:  # (not wait(): checkpoint() may run in between)
@@ -102,6 +104,11 @@ class SlurmExecutor:
     @property
     def gpus_per_run(self) -> int:
         return self.gpus or 1
+
+    def describe(self) -> str:
+        """How the runs are launched, for the summary."""
+        gpus = f", {self.gpus} GPU(s)" if self.gpus else ""
+        return f"SLURM jobs through submitit, {self.threads} CPU(s){gpus} each"
 
     def free(self) -> int:
         return 1 << 30  # the cluster queues what it has no room for

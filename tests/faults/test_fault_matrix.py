@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from gpt2.config import resolve
+from gpt2.launch.coordinator import run_ablation
 from gpt2.trainer import checkpoint
-from gpt2.trainer.ablation import run_ablation
 from gpt2.trainer.run import train_once
 from tests.conftest import REPO, as_argv
 
@@ -49,8 +49,12 @@ class Case:
     signum: int = signal.SIGTERM
 
 
-def _f(point: str, at: int, after: float = 0.0, do: str = "sigterm") -> str:
-    return f"point={point},at={at},do={do}" + (f",after={after}" if after else "")
+def _f(point: str, at: int, after: float = 0.0, do: str = "sigterm", job: int | None = None) -> str:
+    return (
+        f"point={point},at={at},do={do}"
+        + (f",after={after}" if after else "")
+        + (f",job={job}" if job else "")
+    )
 
 
 # Run: 14 steps of 2 micro-steps; evaluations (2 splits x 2 batches) at steps 0, 4, 8, 12 and a final
@@ -83,10 +87,14 @@ CASES = [
     Case("final-eval", "final evaluation (step 14)", _f("eval_batch", 18)),
     Case("final-write", "final checkpoint write", _f("checkpoint_write", 11), finishes=True),
     Case("sample", "sampling after training", _f("sample", 1, 0.05), kind="sample"),
-    Case("arm1", "ablation: first run, step 5", _f("step_end", 5), kind="ablation"),
-    Case("arm1-eval", "ablation: first run, evaluation at step 8", _f("eval_batch", 9), kind="ablation"),
+    # An ablation runs each arm in its own process (GPT2_JOB = its place): a signal that stops one run
+    # stops the ablation; ``arm`` is the coordinator's point before it starts each run.
+    Case("arm1", "ablation: first run, step 5", _f("step_end", 5, job=1), kind="ablation"),
+    Case(
+        "arm1-eval", "ablation: first run, evaluation at step 8", _f("eval_batch", 9, job=1), kind="ablation"
+    ),
     Case("arm2-start", "ablation: starting the second run", _f("arm", 2), kind="ablation"),
-    Case("arm2", "ablation: second run, mid-step 9", _f("micro_step", 46, 0.002), kind="ablation"),
+    Case("arm2", "ablation: second run, mid-step 9", _f("micro_step", 18, 0.002, job=2), kind="ablation"),
 ]
 FAST = {"sigint", "eval4", "write-last", "arm2-start"}
 

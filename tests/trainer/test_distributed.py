@@ -212,20 +212,29 @@ def test_ddp_pruning_keeps_identical_masks_on_every_rank(tiny_flags, tmp_path) -
     assert abs(pruned - 0.5) < 0.005
 
 
-def test_ablation_mode_under_torchrun(tiny_flags, tmp_path) -> None:
-    flags = dict(
-        _flags(tiny_flags, tmp_path / "abl"),
-        architecture="unified-ra",
-        ablation_mode=True,
-        ablation_steps="V0,V1",
-        max_iters=4,
+def test_an_ablation_under_torchrun_is_refused_with_the_flag_that_does_it(tiny_flags, tmp_path) -> None:
+    """The coordinator launches its runs (each under torchrun with --gpus-per-run K); started under
+    torchrun itself, every rank would launch them all."""
+    flags = dict(_flags(tiny_flags, tmp_path / "abl"), ablate="learning_rate=0.001,0.002")
+    proc = subprocess.run(
+        [
+            *TORCHRUN,
+            "--nproc_per_node=2",
+            "--master_port",
+            str(_free_port()),
+            "gpt2/train.py",
+            *as_argv(flags),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
-    flags.pop("save_checkpoint")
-    flags.pop("checkpoint_interval")
-    _torchrun(flags)
-    summary = json.loads((tmp_path / "abl" / "ablation_summary.json").read_text())
-    assert [r["step"] for r in summary["by_step"]] == ["V0", "V1"]
-    assert [r["status"] for r in summary["runs"]] == ["done", "done"]
+    assert proc.returncode != 0
+    assert "start it without torchrun (--gpus-per-run K" in proc.stderr
+    assert not (tmp_path / "abl").exists()
 
 
 @pytest.mark.slow

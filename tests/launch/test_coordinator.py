@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-import gpt2.trainer.run as run_module
 from gpt2.cli import parse
 from gpt2.config import resolve
 from gpt2.errors import UserError
-from gpt2.trainer.ablation import run_ablation
-from gpt2.trainer.loop import Trainer
+from gpt2.launch.coordinator import run_ablation
+from gpt2.launch.outcome import START_MARK
+from gpt2.launch.plan import arms_of
 from tests.conftest import as_argv
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,50 +75,79 @@ def tiny_args(corpus: Path, tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
-# ----------------------------------------------------------------------------- with a fake trainer
+# ----------------------------------------------------------------------------- with a fake executor
 
 
-def fake_trainer(monkeypatch, losses: dict[tuple[str, int], float], fail: set[str] = frozenset()) -> list:
-    """Replace train_once by a stand-in that writes results.json/metrics.jsonl; returns the configs it got."""
-    received = []
+class FakeExecutor:
+    """Stands in for a launcher: "runs" each job at once by writing the results a run would leave,
+    so that the coordinator's planning, bookkeeping and summary are tested without training."""
 
-    def train_once(c):
-        received.append(c)
-        step, seed = c.model.ra_step, c.train.seed
-        c.train.max_iters = 999  # a trainer that mutates its config must not affect the next step
-        if step in fail:
-            raise RuntimeError(f"boom in {step}")
-        out = Path(c.output.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        loss = losses[(step, seed)]
-        records = [
-            {"step": 0, "tokens": 0, "elapsed_s": 0.0, "val_loss": loss + 1.0},
-            {
-                "step": 10,
-                "tokens": 1280,
-                "elapsed_s": 1.0,
-                "train_loss": loss,
-                "ms_per_step": 100.0,
-                "tokens_per_s": 1280.0,
-            },
-            {"step": 10, "tokens": 1280, "elapsed_s": 1.1, "val_loss": loss},
-        ]
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        results = {
-            "final_val_loss": loss,
-            "best_val_loss": loss,
-            "iters": 10,
-            "tokens_seen": 1280,
-            "n_params": 1000,
-            "wall_time_s": 1.1,
-            "peak_memory_bytes": 1,
-            "stop_reason": "max_iters",
-        }
-        (out / "results.json").write_text(json.dumps(results))
-        return results
+    name = "local"
+    threads = 1
 
-    monkeypatch.setattr(run_module, "train_once", train_once)
-    return received
+    def __init__(self, losses: dict[tuple[str, int], float], fail: set[str] = frozenset()) -> None:
+        self.losses, self.fail = losses, fail
+        self.received = []  # the configurations the jobs were given, in submission order
+        self._ended: list[int] = []
+
+    def describe(self) -> str:
+        return "a fake executor"
+
+    def free(self) -> int:
+        return 1
+
+    def live(self) -> list:
+        return []
+
+    def reattach(self, job, record) -> bool:
+        return False
+
+    def stop(self) -> None:
+        pass
+
+    def submit(self, jobs) -> dict[int, dict]:
+        for job in jobs:
+            c = job.config
+            self.received.append(c)
+            step, seed = c.model.ra_step, c.train.seed
+            c.train.max_iters = 999  # a run that mutates its config must not affect the next one
+            out = Path(c.output.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self._ended.append(job.index)
+            if step in self.fail:
+                job.log_path.write_text(f"Traceback (most recent call last):\nRuntimeError: boom in {step}\n")
+                continue
+            loss = self.losses[(step, seed)]
+            records = [
+                {"step": 0, "tokens": 0, "elapsed_s": 0.0, "val_loss": loss + 1.0},
+                {
+                    "step": 10,
+                    "tokens": 1280,
+                    "elapsed_s": 1.0,
+                    "train_loss": loss,
+                    "ms_per_step": 100.0,
+                    "tokens_per_s": 1280.0,
+                },
+                {"step": 10, "tokens": 1280, "elapsed_s": 1.1, "val_loss": loss},
+            ]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            results = {
+                "final_val_loss": loss,
+                "best_val_loss": loss,
+                "iters": 10,
+                "tokens_seen": 1280,
+                "n_params": 1000,
+                "wall_time_s": 1.1,
+                "train_time_s": 1.0,
+                "peak_memory_bytes": 1,
+                "stop_reason": "max_iters",
+            }
+            (out / "results.json").write_text(json.dumps(results))
+        return {job.index: {"job_id": f"fake {job.index}"} for job in jobs}
+
+    def states(self) -> dict[int, str]:
+        ended, self._ended = self._ended, []
+        return dict.fromkeys(ended, "ended")
 
 
 def ablation_config(output_dir, steps: str, **extra):
@@ -134,11 +164,12 @@ def ablation_config(output_dir, steps: str, **extra):
     )
 
 
-def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp_path, monkeypatch) -> None:
+def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp_path) -> None:
     cfg = ablation_config(tmp_path / "out", "V2,V7,V0", max_iters=50)
     before = cfg.to_dict()
-    received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V2", "V7", "V0")})
-    run_ablation(cfg)
+    fake = FakeExecutor({(s, 1337): 3.0 for s in ("V2", "V7", "V0")})
+    received = fake.received
+    run_ablation(cfg, fake)
     assert cfg.to_dict() == before
     assert [c.model.ra_step for c in received] == ["V2", "V7", "V0"]
     assert len({id(c) for c in received}) == 3
@@ -154,40 +185,46 @@ def test_each_step_gets_its_own_fresh_config_and_the_shared_one_is_untouched(tmp
     assert models["V7"].ra_rank == 8 and models["V0"].attention == "standard"
 
 
-def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path, monkeypatch) -> None:
+def test_a_failing_step_is_recorded_with_its_log_and_the_others_still_run(tmp_path) -> None:
     cfg = ablation_config(tmp_path, "V0,V1,V3")
-    received = fake_trainer(monkeypatch, {("V0", 1337): 3.0, ("V3", 1337): 2.5}, fail={"V1"})
+    fake = FakeExecutor({("V0", 1337): 3.0, ("V3", 1337): 2.5}, fail={"V1"})
+    received = fake.received
     with pytest.raises(UserError, match=r"1 of 3 ablation runs failed \(V1 \(seed 1337\): RuntimeError"):
-        run_ablation(cfg)  # exits non-zero, but only after the other steps ran and the summary is written
+        run_ablation(
+            cfg, fake
+        )  # exits non-zero, but only after the other steps ran and the summary is written
     summary = json.loads((tmp_path / "ablation_summary.json").read_text())
     assert [c.model.ra_step for c in received] == ["V0", "V1", "V3"]
     status = {r["step"]: r["status"] for r in summary["runs"]}
     assert status == {"V0": "done", "V1": "failed", "V3": "done"}
-    assert "boom in V1" in (tmp_path / "ablation_summary.md").read_text()
+    md = (tmp_path / "ablation_summary.md").read_text()
+    assert "boom in V1" in md and "Traceback (most recent call last):" in md  # the tail of its log
     v3 = next(a for a in summary["by_step"] if a["step"] == "V3")
     assert v3["delta_val_loss_vs_control"] == pytest.approx(-0.5)
 
 
-def test_finished_steps_are_skipped_and_signal_stopped_ones_run_again(tmp_path, monkeypatch) -> None:
+def test_finished_steps_are_skipped_and_signal_stopped_ones_run_again(tmp_path) -> None:
     cfg = ablation_config(tmp_path, "V0,V1,V3")
-    received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V0", "V1", "V3")})
-    run_ablation(cfg)
+    fake = FakeExecutor({(s, 1337): 3.0 for s in ("V0", "V1", "V3")})
+    received = fake.received
+    run_ablation(cfg, fake)
     v1 = tmp_path / "V1" / "results.json"
     v1.write_text(json.dumps({**json.loads(v1.read_text()), "stop_reason": "signal SIGTERM"}))
     received.clear()
-    summary = run_ablation(cfg)
+    summary = run_ablation(cfg, fake)
     assert [c.model.ra_step for c in received] == ["V1"]
     assert [r["status"] for r in summary["runs"]] == ["done"] * 3
 
 
-def test_seeds_give_mean_std_and_a_paired_noise_test(tmp_path, monkeypatch) -> None:
+def test_seeds_give_mean_std_and_a_paired_noise_test(tmp_path) -> None:
     cfg = ablation_config(tmp_path, "V0,V1,V3", ablation_seeds=3, seed=10)
     v0 = {10: 3.00, 11: 3.20, 12: 2.90}
     losses = {("V0", s): v for s, v in v0.items()}
     losses |= {("V1", s): v - 0.10 + d for (s, v), d in zip(v0.items(), (0.002, -0.001, -0.001))}  # real gain
     losses |= {("V3", s): v + d for (s, v), d in zip(v0.items(), (0.09, -0.05, 0.02))}  # +0.02, within noise
-    received = fake_trainer(monkeypatch, losses)
-    summary = run_ablation(cfg)
+    fake = FakeExecutor(losses)
+    received = fake.received
+    summary = run_ablation(cfg, fake)
     assert len(received) == 9
     assert (tmp_path / "V1" / "seed11" / "results.json").exists()
     by = {a["step"]: a for a in summary["by_step"]}
@@ -218,10 +255,9 @@ def test_dry_run_builds_and_steps_each_model_without_data_or_files(tmp_path, cap
 # ----------------------------------------------------------------------------- real runs on CPU
 
 
-def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
-    corpus, tmp_path, monkeypatch
-) -> None:
-    """Kill -9 during V1; the rerun trains only the rest of V1 (from its checkpoint) and writes a summary."""
+def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(corpus, tmp_path) -> None:
+    """SIGKILL to the coordinator and its runs during V1 (a dead machine or job); the rerun trains only
+    the rest of V1 (from its checkpoint) and writes a summary."""
     args = tiny_args(
         corpus,
         tmp_path,
@@ -233,11 +269,14 @@ def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
         "12",
         "--checkpoint-interval",
         "4",
-        "--quiet",
     )
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "gpt2/train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "gpt2/train.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: the kill takes the coordinator and its runs
     )
     deadline = time.monotonic() + 120
     try:
@@ -246,28 +285,22 @@ def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
             assert time.monotonic() < deadline, "no V1 checkpoint within 120 s"
             time.sleep(0.01)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "V1" / "results.json").exists(), "V1 finished before the kill: the test proves nothing"
     v0_results = out / "V0" / "results.json"
     v0_before = (v0_results.read_bytes(), v0_results.stat().st_mtime_ns)
     assert not (out / "V0" / "checkpoint_last.pt").exists()  # resume-only checkpoints go once a step is done
 
-    trained, restored = [], []
-    real_train_once, real_restore = run_module.train_once, Trainer._restore
-    monkeypatch.setattr(
-        run_module, "train_once", lambda c: trained.append(c.model.ra_step) or real_train_once(c)
-    )
-    monkeypatch.setattr(
-        Trainer,
-        "_restore",
-        lambda t, state, path: restored.append((path, state["step"])) or real_restore(t, state, path),
-    )
     summary = run_ablation(parse(args))
 
-    assert trained == ["V1"]
+    attempts = {a: (out / a / "job.log").read_text().split(START_MARK) for a in ("V0", "V1")}
+    assert len(attempts["V0"]) == 2 and len(attempts["V1"]) == 3  # V0 ran once, V1 twice
     assert (v0_results.read_bytes(), v0_results.stat().st_mtime_ns) == v0_before
-    assert len(restored) == 1 and restored[0][0] == out / "V1" / "checkpoint_last.pt" and restored[0][1] >= 4
+    resumed = re.search(r"resumed from (\S+) at step (\d+)", attempts["V1"][-1])
+    assert (
+        resumed and resumed.group(1) == str(out / "V1" / "checkpoint_last.pt") and int(resumed.group(2)) >= 4
+    )
     results = {s: json.loads((out / s / "results.json").read_text()) for s in ("V0", "V1")}
     assert results["V1"]["iters"] == 24 and results["V1"]["ra_step"] == "V1"
 
@@ -301,8 +334,6 @@ def test_killed_ablation_resumes_the_unfinished_step_and_keeps_the_finished_one(
 
 
 def test_ablate_axes_parse_and_form_a_grid(tmp_path) -> None:
-    from gpt2.trainer.ablation import arms_of
-
     cfg = parse(
         ["--model-name", "tiny", "--output-dir", str(tmp_path), "--ablate", "optimizer=adamw,adamwspam",
          "--ablate", "learning-rate=3e-4,6e-4"]
@@ -375,15 +406,6 @@ def test_ablate_optimizer_runs_every_arm_from_the_same_start(tiny_flags, tmp_pat
     assert replay.ablation.ablate == cfg.ablation.ablate and replay.ablation.ablation_seeds == 2
 
 
-def test_interpolation_at_a_common_budget_is_linear_between_evaluations() -> None:
-    from gpt2.trainer.ablation import interpolate
-
-    curve = [(0, 0.0, 10.0), (100, 2.0, 6.0), (200, 4.0, 5.0)]
-    assert interpolate(curve, 0, 150) == pytest.approx(5.5)
-    assert interpolate(curve, 1, 1.0) == pytest.approx(8.0)
-    assert interpolate(curve, 0, 200) == 5.0 and interpolate(curve, 0, 250) is None
-
-
 def test_the_report_opens_with_the_answer_and_every_image_decodes(tiny_flags, tmp_path) -> None:
     import base64
     import io
@@ -408,23 +430,17 @@ def test_the_report_opens_with_the_answer_and_every_image_decodes(tiny_flags, tm
     assert tex.startswith("\\begin{tabular}") and "0.001 &" in tex and "\\bottomrule" in tex
 
 
-def test_under_compile_every_arm_compiles_afresh(tmp_path, monkeypatch) -> None:
-    """torch.compile's caches are reset before each arm: no arm inherits another's graphs or hits the
-    recompile limit (after which dynamo silently runs eager)."""
-    import torch
-
-    resets = []
-    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
-    cfg = ablation_config(tmp_path, "V0,V1,V3", compile=True)
-    received = fake_trainer(monkeypatch, {(s, 1337): 3.0 for s in ("V0", "V1", "V3")})
-    run_ablation(cfg)
-    assert len(received) == 3 and all(c.model.compile for c in received)
-    assert len(resets) == 3  # once before each arm
+def test_every_run_is_its_own_process_with_its_own_peak_memory(tiny_flags, tmp_path) -> None:
+    """The larger model first: in one process the second run would report the first one's peak."""
+    flags = tiny_flags | dict(max_iters=2, eval_interval=2, output_dir=str(tmp_path / "abl"))
+    summary = run_ablation(parse([*as_argv(flags), "--ablate", "n_embd=256,32"]))
+    big, small = (a["peak_memory_mib"] for a in summary["by_step"])
+    assert small < big - 20, (big, small)
+    pids = {json.loads((tmp_path / "abl" / "jobs.json").read_text())["jobs"][k]["pid"] for k in ("1", "2")}
+    assert len(pids) == 2 and os.getpid() not in pids
 
 
 def test_the_ablation_is_validated_as_its_control_arm_and_arm_folders_are_safe(tmp_path) -> None:
-    from gpt2.trainer.ablation import arms_of
-
     # flags that only some method uses are fine when the ablated method uses them
     ablate = ["--ablate", "pruning_method=magnitude,movement"]
     flags = ["--max-iters", "1000", "--pruning-ramp-end", "800", "--pruning-warmup", "100"]
@@ -438,19 +454,3 @@ def test_the_ablation_is_validated_as_its_control_arm_and_arm_folders_are_safe(t
     )
     names = [a.name for a in arms_of(paths)[0]]
     assert "/" not in names[0] and names[1] == "shakespeare"
-
-
-def test_time_budgeted_arms_with_only_a_final_evaluation_compare_at_equal_time() -> None:
-    """Each arm evaluated once, at the end of its 90 s (give or take a step): the equal-time column
-    is each final loss; equal tokens cannot be read off one point each and stays empty."""
-    from gpt2.trainer.ablation import _equal_budgets
-
-    rows = [
-        dict(status="done", curve=[(170_000, 90.1, 5.2)]),
-        dict(status="done", curve=[(220_000, 90.6, 5.7)]),
-        dict(status="done", curve=[(200_000, 95.0, 5.5)]),  # 5% late: not at the same time
-    ]
-    budget = _equal_budgets(rows)
-    assert budget == {"tokens": 170_000, "train_time_s": 90.1}
-    assert [r["val_loss_at_equal_time"] for r in rows] == [5.2, 5.7, None]
-    assert [r["val_loss_at_equal_tokens"] for r in rows] == [5.2, None, None]
