@@ -147,9 +147,17 @@ def process_age_s() -> float | None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak accelerator memory on CUDA; peak resident set size of the process elsewhere."""
+    """Peak accelerator memory on CUDA; peak resident set size of the process elsewhere.
+
+    On Linux the peak is the address space's own high-water mark (``VmHWM``): ``ru_maxrss`` carries
+    the parent's peak over an exec, so a run started by a large process would report that one's.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
