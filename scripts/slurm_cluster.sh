@@ -22,7 +22,12 @@ need_root() {
   fi
 }
 
-answers() { timeout 10 sinfo -h -o '%t' 2>/dev/null | grep -Eq '^(idle|mix|alloc)'; }
+# the controller answers and the node takes jobs (idle, mixed, allocated, completing, ...)
+answers() {
+  local state
+  state=$(timeout 10 sinfo -h -o '%t' 2>/dev/null | head -1) || return 1
+  [ -n "$state" ] && ! [[ "$state" =~ ^(down|drain|drng|fail|unk|inval|boot|maint|futr|npc|pow|resv) ]]
+}
 
 install() {
   if command -v slurmctld >/dev/null && command -v munged >/dev/null; then return; fi

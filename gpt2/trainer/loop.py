@@ -729,6 +729,7 @@ class Trainer:
             "last_window_tokens_per_s": self.tokens_per_s,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "threads": torch.get_num_threads(),
+            "resumed_from_step": self._segment_start,  # where this process began (0: a fresh start)
             "n_params": self.n_params,
             "stop_reason": stop_reason,
             "bad_steps": st.bad_steps,

@@ -40,7 +40,7 @@ def test_a_failing_run_is_reported_with_its_log_tail_and_the_others_finish(
     assert [r["status"] for r in summary["runs"]] == ["done", "failed", "done", "done"]
     failed = summary["runs"][1]
     assert "injected fault at step_end #3" in failed["error"]
-    assert any("Traceback" in line for line in failed["log_tail"])
+    assert len(failed["log_tail"]) > 5 and failed["log_tail"][-1] == failed["error"]  # the traceback's end
     assert "injected fault at step_end #3" in (out / "ablation_summary.md").read_text()
 
 
@@ -66,7 +66,7 @@ def test_a_stop_signal_reaches_every_running_job_and_the_rerun_ends_bitwise_equa
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and time.monotonic() - sent < 20, stderr[-3000:]
     assert "stopped by SIGTERM" in stderr and "rerun the same command to continue" in stderr
     stopped = [d for d in first if "stopped by SIGTERM" in (d / "job.log").read_text()]
@@ -81,12 +81,18 @@ def test_a_stop_signal_reaches_every_running_job_and_the_rerun_ends_bitwise_equa
     ("extra", "message"),
     [
         (["--ablation-workers", "2"], "--ablation-workers launches ablation runs: give --ablate"),
-        (["--ablate", "optimizer=adamw,muon", "--slurm-partition", "gpu"], "--slurm-partition needs --launcher slurm"),
+        (
+            ["--ablate", "optimizer=adamw,muon", "--slurm-partition", "gpu"],
+            "--slurm-partition needs --launcher slurm",
+        ),
         (
             ["--ablate", "optimizer=adamw,muon", "--launcher", "slurm", "--ablation-workers", "2"],
             "--ablation-workers is for --launcher local",
         ),
-        (["--ablate", "optimizer=adamw,muon", "--launcher", "slurm", "--slurm-extra", "qos"], "write KEY=VALUE"),
+        (
+            ["--ablate", "optimizer=adamw,muon", "--launcher", "slurm", "--slurm-extra", "qos"],
+            "write KEY=VALUE",
+        ),
     ],
 )
 def test_launcher_flags_are_checked_up_front(extra, message, capsys) -> None:
