@@ -79,7 +79,7 @@ def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
             group.add_argument(
                 *names,
                 dest=f.name,
-                type=kind,
+                type=meta.get("parse", kind),
                 choices=meta.get("choices"),
                 metavar=meta.get("metavar"),
                 help=help_text if default is None else help_text + f" [default: {shown}]",

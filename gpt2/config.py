@@ -147,6 +147,11 @@ class ModelSection:
     )
 
 
+def count_or_auto(text: str) -> int:
+    """``--ablation-seeds``: a count, or ``auto`` (0: the sequential rule decides)."""
+    return 0 if str(text).strip().lower() == "auto" else int(text)
+
+
 @dataclass
 class AblationSection:
     """Ablation studies (unified-ra)."""
@@ -155,8 +160,30 @@ class AblationSection:
     ablation_steps: str | None = opt(None, "comma-separated steps for --ablation-mode (default V0,V1,V3)")
     ablation_seeds: int = opt(
         1,
-        "run every ablation step with seeds seed..seed+N-1; the summary reports mean ± std and seed noise",
-        rule=AT_LEAST_ONE,
+        "run every arm with seeds seed..seed+N-1; or auto: seeds in rounds (every arm once a round) until "
+        "each arm's verdict is decisive, or --max-seeds are spent (the sequential rule of "
+        "gpt2/analysis/stats.py)",
+        rule=Rule(lambda v: v >= 0, "{flag} must be a count >= 1 or auto"),
+        parse=count_or_auto,
+        metavar="N|auto",
+    )
+    max_seeds: int = opt(
+        10,
+        "--ablation-seeds auto: at most this many seeds per arm",
+        rule=Rule(lambda v: v >= 2, "{flag} must be >= 2, got {value}"),
+    )
+    min_effect: float = opt(
+        0.02,
+        "the smallest difference in --decide-on that matters (nats for a loss): an arm whose difference "
+        "is shown to lie within it is decided as 'no difference larger than E'",
+        rule=POSITIVE,
+        metavar="E",
+    )
+    decide_on: str = opt(
+        "val_loss_at_equal_tokens",
+        "the metric of the verdicts: val_loss_at_equal_tokens, val_loss_at_equal_time, final_val_loss, "
+        "best_val_loss, or any number in a run's results.json",
+        metavar="METRIC",
     )
     ablate: str | None = opt(
         None,
@@ -390,6 +417,13 @@ class TrainSection:
         "one always runs; 0: no limit)",
         rule=FRACTION,
     )
+    compare_batches: int = opt(
+        4,
+        "validation batches of the comparison evaluations: at steps 16, 23, 32, 45, 64, ... (x sqrt 2) and "
+        "at the end every run evaluates these same batches, outside --max-time and --eval-budget, so "
+        "that the arms of an ablation compare at equal tokens and training time (0: none)",
+        rule=NON_NEGATIVE,
+    )
     max_bad_steps: int = opt(
         5,
         "non-finite steps in a row (each skipped) before reloading the last checkpoint with half the LR",
@@ -563,6 +597,13 @@ def field_kinds() -> dict[str, tuple[str, type]]:
             args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
             out[f.name] = (sec, args[0] if args else hints[f.name])
     return out
+
+
+def field_parsers() -> dict[str, Any]:
+    """Fields whose text has its own reading (``--ablation-seeds auto``): name -> parse function."""
+    return {
+        f.name: f.metadata["parse"] for cls in SECTIONS.values() for f in fields(cls) if "parse" in f.metadata
+    }
 
 
 def repeated_fields() -> set[str]:
@@ -809,6 +850,14 @@ def _validate_ra(cfg: RunConfig) -> None:
     _check(
         a.ablation_mode or a.ablate or a.ablation_seeds == 1,
         "--ablation-seeds needs --ablation-mode or --ablate",
+    )
+    seq = [k for k in ("max_seeds", "min_effect", "decide_on") if k in cfg.explicit]
+    _check(
+        a.ablation_mode or a.ablate or not seq,
+        f"--{seq[0].replace('_', '-') if seq else ''} needs --ablation-mode or --ablate",
+    )
+    _check(
+        a.ablation_seeds == 0 or "max_seeds" not in cfg.explicit, "--max-seeds needs --ablation-seeds auto"
     )
     _check(not (a.ablation_mode and a.ablate), "give --ablate or --ablation-mode, not both")
     _validate_launcher(cfg)

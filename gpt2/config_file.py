@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import SECTIONS, RunConfig, field_kinds, flatten, repeated_fields, resolve
+from gpt2.config import SECTIONS, RunConfig, field_kinds, field_parsers, flatten, repeated_fields, resolve
 from gpt2.errors import ConfigError
 from gpt2.track.metrics import write_text_atomic
 
@@ -69,6 +69,12 @@ def read(path: str | Path) -> tuple[dict[str, Any], list[str] | None]:
                 if not value:
                     raise ConfigError(f"{path}: {where} is an empty list: give at least one KEY=V1,V2")
                 value = "; ".join(_typed(path, where, v, kind) for v in value)
+            parse = field_parsers().get(name)
+            if parse is not None and isinstance(value, str):  # e.g. ablation-seeds = "auto"
+                try:
+                    value = parse(value)
+                except ValueError:
+                    raise ConfigError(f"{path}: {where}: {value!r} is not a valid value") from None
             values[name] = _typed(path, where, value, kind)
     return values, given
 

@@ -9,9 +9,11 @@ import io
 import json
 import math
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from gpt2.analysis import stats
 from gpt2.config import RunConfig
 from gpt2.track.metrics import read_metrics, write_json_atomic
 from gpt2.track.report import interp, write_report
@@ -58,8 +60,12 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         n_params=r["n_params"],
         stop_reason=r["stop_reason"],
         final_sparsity=r.get("final_sparsity"),
-        curve=[(m["tokens"], m["elapsed_s"], m["val_loss"]) for m in metrics if "val_loss" in m],
+        results={k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)},
     )
+    compare = [(m["tokens"], m["elapsed_s"], m["compare_val_loss"]) for m in metrics if "compare_val_loss" in m]  # noqa: E501
+    evals = [(m["tokens"], m["elapsed_s"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    # the comparison batches' curve where there is one (the same steps in every run), else the evaluations
+    row["curve"], row["curve_of"] = (compare, "comparison") if len(compare) > 1 else (evals, "evaluation")
     return row
 
 
@@ -81,9 +87,10 @@ def _equal_budgets(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     done = [r for r in rows if r["status"] == "done" and r.get("curve")]
     if not done:
         return {"tokens": None, "train_time_s": None}
-    budget = {
+    budget: dict[str, Any] = {
         "tokens": min(max(p[0] for p in r["curve"]) for r in done),
         "train_time_s": min(max(p[1] for p in r["curve"]) for r in done),
+        "curve_of": "comparison" if all(r.get("curve_of") == "comparison" for r in done) else "evaluation",
     }
     for r in done:
         r["val_loss_at_equal_tokens"] = interpolate(r["curve"], 0, budget["tokens"])
@@ -96,16 +103,21 @@ def _equal_budgets(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     return budget
 
 
-def _t95(df: int) -> float:
-    """Two-sided 95% Student-t critical value (table to df 10, then a close approximation)."""
-    table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-    return table[df - 1] if df <= len(table) else 1.96 + 2.4 / df
-
-
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+DECIDE_DEFAULT = "val_loss_at_equal_tokens"
+
+
+def metric_value(row: dict[str, Any], metric: str) -> float | None:
+    """A run's value of ``metric``: a summary column, else a number of its results.json."""
+    value = row.get(metric)
+    if value is None:
+        value = row.get("results", {}).get(metric)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def summarize(
@@ -115,18 +127,29 @@ def summarize(
     runs: list[dict[str, Any]],
     control: str,
     launched: str = "",
+    *,
+    decide_on: str = DECIDE_DEFAULT,
+    margin: float | None = None,
+    sequential: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Rows per run, aggregates per arm (mean ± std over seeds) and deltas against the control, paired
-    by seed (same seed: same data order and, where shapes allow, the same initial weights)."""
+    by seed (same seed: same data order and, where shapes allow, the same initial weights).
+
+    The verdict of each arm is on ``decide_on`` (lower is better for losses; the sign says which way
+    it moved): at the 5% level with Holm's correction across arms, or by the sequential rule of
+    :func:`.stats.sequential` when ``sequential`` (``max_seeds``, ``alpha``) is given. ``margin``:
+    the smallest difference that matters (E), for "no difference larger than E"."""
     rows = [_run_row(r) for r in runs]
     equal = _equal_budgets(rows)
     done = {(r["step"], r["seed"]): r for r in rows if r["status"] == "done"}
-    base = control
     for r in rows:
-        b = done.get((base, r["seed"]))
+        b = done.get((control, r["seed"]))
         if r["status"] == "done" and b is not None:
             r["delta_val_loss_vs_control"] = r["final_val_loss"] - b["final_val_loss"]
             r["ms_per_step_vs_control"] = r["ms_per_step"] / b["ms_per_step"]
+            mine, theirs = metric_value(r, decide_on), metric_value(b, decide_on)
+            if mine is not None and theirs is not None:
+                r["delta_vs_control"] = mine - theirs
     per_step = []
     for step in steps:
         mine = [r for r in rows if r["step"] == step and r["status"] == "done"]
@@ -151,25 +174,38 @@ def summarize(
             "final_sparsity",
             "val_loss_at_equal_tokens",
             "val_loss_at_equal_time",
+            "delta_val_loss_vs_control",
+            "delta_vs_control",
         ):
             agg[key], agg[f"{key}_std"] = _mean_std([r[key] for r in mine if r.get(key) is not None])
+        agg["decide_value"], agg["decide_value_std"] = _mean_std(
+            [v for v in (metric_value(r, decide_on) for r in mine) if v is not None]
+        )
         agg["n_params"] = mine[0]["n_params"] if mine else None
-        deltas = [r["delta_val_loss_vs_control"] for r in mine if "delta_val_loss_vs_control" in r]
-        agg["delta_val_loss_vs_control"], agg["delta_val_loss_vs_control_std"] = _mean_std(deltas)
         ratios = [r["ms_per_step_vs_control"] for r in mine if "ms_per_step_vs_control" in r]
         agg["ms_per_step_vs_control"] = statistics.fmean(ratios) if ratios else None
-        # Paired t-test over seeds: same seed = same init (but the new gates) and the same data order.
-        agg["beyond_seed_noise"], agg["delta_ci95"] = None, None
-        if step != base and len(deltas) > 1:
-            half = _t95(len(deltas) - 1) * statistics.stdev(deltas) / math.sqrt(len(deltas))
-            mean = agg["delta_val_loss_vs_control"]
-            agg["delta_ci95"] = [mean - half, mean + half]
-            agg["beyond_seed_noise"] = abs(mean) > half  # the 95% interval excludes 0
         per_step.append(agg)
+    deltas = {
+        a["step"]: [r["delta_vs_control"] for r in rows if r["step"] == a["step"] and "delta_vs_control" in r]
+        for a in per_step
+        if a["step"] != control
+    }
+    if sequential:
+        found = stats.sequential(deltas, sequential["max_seeds"], sequential["alpha"], margin)
+        sequential = {**sequential, "seeds_run": len(seeds), "decided": stats.decided(found)}
+    else:
+        found = stats.decide(deltas, stats.ALPHA, margin)
+    verdicts = {a: asdict(v) for a, v in found.items()}
+    for agg in per_step:
+        _verdict_columns(agg, verdicts.get(agg["step"]), deltas.get(agg["step"], []))
     return {
         "steps": steps,
         "seeds": seeds,
-        "control": base,
+        "control": control,
+        "decide_on": decide_on,
+        "min_effect": margin,
+        "method": stats.METHOD if sequential else "paired t-tests at 5%, Holm-Bonferroni across arms",
+        "sequential": sequential,
         "equal_budget": equal,
         "by_step": per_step,
         "runs": rows,
@@ -182,6 +218,24 @@ def summarize(
         "dataset": cfg.data.dataset,
         "launched": launched,
     }
+
+
+def _verdict_columns(agg: dict[str, Any], verdict: dict[str, Any] | None, deltas: list[float]) -> None:
+    """An arm's Δ interval at 95% (descriptive, uncorrected), raw and Holm-adjusted p, the minimum
+    detectable effect at 80% power for its seeds, and the verdict."""
+    agg["delta_ci95"] = agg["p_value"] = agg["p_holm"] = agg["mde80"] = agg["verdict"] = None
+    agg["beyond_seed_noise"] = agg["ruled_out"] = None
+    if verdict is None:
+        return
+    fixed = stats.paired(deltas) if len(deltas) > 1 else None
+    agg["delta_ci95"] = list(fixed.ci) if fixed and fixed.ci else None
+    agg["mde80"] = fixed.mde if fixed else None
+    agg["p_value"] = verdict["paired"]["p"]
+    agg["p_holm"] = verdict["p_adjusted"]
+    agg["verdict"] = verdict["decision"]
+    agg["ruled_out"] = verdict["ruled_out"]
+    if verdict["decision"] != "no test":
+        agg["beyond_seed_noise"] = verdict["decision"] == "difference"
 
 
 def _fmt(v: Any, std: Any = None, digits: int = 4) -> str:
@@ -206,8 +260,13 @@ def _equal_text(equal: dict[str, Any]) -> str:
     return (
         f" The equal-budget columns compare every arm at the smallest run's budget, {equal['tokens']:,.0f} "
         f"tokens and {equal['train_time_s']:.1f} s of training, its val loss interpolated between "
-        f"evaluations (at equal time, a final evaluation up to {EQUAL_TIME_SLACK:.0%} later counts as "
-        "at the budget)."
+        + (
+            "its comparison evaluations (the same validation batches at steps 16, 23, 32, 45, ... and at "
+            "the end of every run, outside the training time and the evaluation budget)"
+            if equal.get("curve_of") == "comparison"
+            else "evaluations"
+        )
+        + f" (at equal time, a final point up to {EQUAL_TIME_SLACK:.0%} later counts as at the budget)."
     )
 
 
@@ -235,29 +294,75 @@ def summary_latex(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _p(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2g}" if v >= 1e-4 else "<1e-4"
+
+
+def _verdict_text(a: dict[str, Any]) -> str:
+    verdict = a.get("verdict")
+    if verdict in (None, "no test"):
+        return "-"
+    if verdict == "difference":
+        return "better" if (a.get("delta_vs_control") or 0) < 0 else "worse"
+    if verdict == "undecided" and a.get("ruled_out") is not None:
+        return f"undecided (rules out > {a['ruled_out']:.3f})"
+    return verdict
+
+
+def _method_text(s: dict[str, Any]) -> str:
+    """What the verdict column means, for the caption."""
+    metric, control, m = s.get("decide_on", DECIDE_DEFAULT), s["control"], len(s["by_step"]) - 1
+    text = (
+        f"The verdict is on {metric} (Δ = arm − {control} with the same seed, so lower is better for a "
+        f"loss): p from paired t-tests over seeds (scipy.stats), Holm-Bonferroni adjusted across the {m} "
+        "arm(s); 'better'/'worse': adjusted p within the level"
+    )
+    if s.get("min_effect") is not None:
+        e = s["min_effect"]
+        text += f"; 'no difference > {e:g}': the two one-sided tests reject |Δ| ≥ {e:g}"
+    seq = s.get("sequential")
+    if seq:
+        text += (
+            f". Seeds ran in rounds until every arm was decided or {seq['max_seeds']} seeds were spent "
+            f"({seq['seeds_run']} run; {s['method']}; overall level {seq['alpha']:g}, each look's level "
+            "what the spending function adds there, so repeated looks do not inflate the error rate)"
+        )
+    else:
+        text += ", at 5%"
+    return (
+        text + ". 'rules out > x': the effect sizes the data exclude at that level. The 95% interval of Δ "
+        "is descriptive (uncorrected); MDE: the smallest |Δ| a paired t-test at 5% finds with 80% "
+        "power after this many seeds."
+    )
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
     """The answer first: one row per arm, against the control, then what the columns mean."""
     b, control = s["budget"], s["control"]
+    metric = s.get("decide_on", DECIDE_DEFAULT)
     several = len(s["seeds"]) > 1
     sparsity = any(a.get("final_sparsity") is not None for a in s["by_step"])
     lines = [
         f"# Ablation summary ({s['model_name']}, dataset {s['dataset']})",
         "",
-        f"| arm | final val loss | best val loss | val ppl | Δ vs {control} | 95% CI of Δ | beyond noise | "
-        "val loss @ equal tokens | @ equal train time | "
+        f"| arm | {metric} | Δ vs {control} | 95% CI of Δ | p | p (Holm) | MDE (80%) | verdict | "
+        "final val loss | val loss @ equal tokens | @ equal train time | "
         + ("sparsity | " if sparsity else "")
         + f"ms/step | vs {control} | tokens/s | tokens seen | train s | peak MiB | params | runs |",
-        "|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
         + ("---|" if sparsity else "")
         + "---|---|---|---|---|---|---|---|",
     ]
     for a in s["by_step"]:
         lines.append(
-            f"| {a['step']} | {_fmt(a['final_val_loss'], a['final_val_loss_std'])} | "
-            f"{_fmt(a['best_val_loss'], a['best_val_loss_std'])} | {_fmt(a['final_val_ppl'], digits=2)} | "
-            f"{_fmt(a['delta_val_loss_vs_control'], a['delta_val_loss_vs_control_std'])} | {_ci(a)} | "
-            f"{_fmt(a['beyond_seed_noise'])} | "
-            f"{_fmt(a.get('val_loss_at_equal_tokens'))} | {_fmt(a.get('val_loss_at_equal_time'))} | "
+            f"| {a['step']} | {_fmt(a['decide_value'], a['decide_value_std'])} | "
+            f"{_fmt(a['delta_vs_control'], a['delta_vs_control_std'])} | {_ci(a)} | "
+            f"{_p(a['p_value'])} | {_p(a['p_holm'])} | {_fmt(a['mde80'])} | {_verdict_text(a)} | "
+            f"{_fmt(a['final_val_loss'], a['final_val_loss_std'])} | "
+            f"{_fmt(a.get('val_loss_at_equal_tokens'), a.get('val_loss_at_equal_tokens_std'))} | "
+            f"{_fmt(a.get('val_loss_at_equal_time'), a.get('val_loss_at_equal_time_std'))} | "
             + (f"{_fmt(a.get('final_sparsity'), digits=4)} | " if sparsity else "")
             + f"{_fmt(a['ms_per_step'], digits=1)} | {_fmt(a['ms_per_step_vs_control'], digits=3)} | "
             f"{_fmt(a['tokens_per_s'], digits=0)} | {_fmt(a['tokens_seen'], digits=0)} | "
@@ -269,14 +374,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"Arms {', '.join(s['steps'])} (control: {control}); seeds {', '.join(map(str, s['seeds']))}; "
         f"budget per run: {b['max_iters']} steps"
         + (f" or {b['max_time_s']:g} s of training (evaluation excluded)" if b["max_time_s"] else "")
-        + f", {b['tokens_per_step']:,} tokens/step. Δ is the final val loss minus the control's with "
-        "the same seed (same data order and initial weights where shapes allow)"
-        + (
-            ", mean ± std over seeds; 'beyond noise': a paired t-test at 5% over seeds, i.e. whether the "
-            "95% interval of Δ excludes 0 (no: the difference is inside the seed noise)."
-            if several
-            else "; with one seed there is no noise estimate (use --ablation-seeds)."
-        )
+        + f", {b['tokens_per_step']:,} tokens/step. Values are mean ± std over seeds. "
+        + (_method_text(s) if several else "With one seed there is no noise estimate (use --ablation-seeds).")
         + _equal_text(s.get("equal_budget") or {})
         + " ms/step is the median over log windows (evaluation excluded); tokens/s follows from it. "
         "Every run is its own process: peak memory is the run's own (CUDA: allocated; CPU: peak RSS)."
@@ -304,6 +403,7 @@ CSV_FIELDS = (
     "final_val_ppl",
     "best_val_ppl",
     "delta_val_loss_vs_control",
+    "delta_vs_control",
     "iters",
     "tokens_seen",
     "train_time_s",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2 import config_file, faults
+from gpt2.analysis import stats
 from gpt2.analysis.summary import SUMMARY, summarize, summary_markdown, write_summary
 from gpt2.config import RunConfig
 from gpt2.errors import UserError
@@ -132,19 +133,35 @@ def run_ablation(cfg: RunConfig, executor: Any = None) -> dict[str, Any]:
     records: dict[int, dict[str, Any]] = {}
     launched = executor.describe()
 
+    sequential = cfg.ablation.ablation_seeds == 0  # auto: seeds in rounds until the verdicts are decisive
+    counts = list(range(stats.N_MIN, len(seeds) + 1)) if sequential else [len(seeds)]
+    shown = [counts[0]]  # the seeds the summary covers (auto: those of the rounds begun)
+
     def rebuild(quiet: bool = True) -> dict[str, Any]:
+        mine = [j for j in jobs if j.seed in seeds[: shown[0]]]
         runs = [
             records.get(j.index)
             or {"step": j.arm.name, "seed": j.seed, "dir": str(j.dir), "status": "not run"}
-            for j in jobs
+            for j in mine
         ]
-        for r, j in zip(runs, jobs, strict=True):
+        for r, j in zip(runs, mine, strict=True):
             r["description"] = j.arm.description
-        summary = summarize(cfg, [a.name for a in arms], seeds, runs, control, launched)
+        summary = summarize(
+            cfg,
+            [a.name for a in arms],
+            seeds[: shown[0]],
+            runs,
+            control,
+            launched,
+            decide_on=cfg.ablation.decide_on,
+            margin=cfg.ablation.min_effect,
+            sequential={"max_seeds": len(seeds), "alpha": stats.ALPHA} if sequential else None,
+        )
         write_summary(out, summary, quiet)
         return summary
 
-    print(f"ablation: {len(arms)} arm(s) x {len(seeds)} seed(s) = {len(jobs)} runs; {launched}", flush=True)
+    what = f"{len(seeds)} seed(s)" if not sequential else f"2 to {len(seeds)} seeds (auto)"
+    print(f"ablation: {len(arms)} arm(s) x {what}; {launched}", flush=True)
     todo: list[Job] = []
     for job in jobs:
         if outcome(job.results_path, job.log_path)["status"] == "done":
@@ -158,7 +175,13 @@ def run_ablation(cfg: RunConfig, executor: Any = None) -> dict[str, Any]:
     between = f"between ablation runs; rerun the same command to continue (finished runs are in {out})"
     try:
         with STOP.cancellable(between):
-            stop = _watch(executor, board, todo, records, rebuild, cfg.output.save_checkpoint)
+            for n in counts:  # one round per look of the sequential rule (one in all otherwise)
+                shown[0] = max(shown[0], n)
+                batch = [j for j in todo if j.seed in seeds[:n]]
+                todo = [j for j in todo if j not in batch]
+                stop = _watch(executor, board, batch, records, rebuild, cfg.output.save_checkpoint)
+                if stop is not None or not sequential or _look(rebuild(), n, board):
+                    break
     except Stopped as e:
         stop = e
     if stop is not None:
@@ -181,6 +204,17 @@ def run_ablation(cfg: RunConfig, executor: Any = None) -> dict[str, Any]:
             f"{out / (SUMMARY + '.md')}"
         )
     return summary
+
+
+def _look(summary: dict[str, Any], n: int, board: _Board) -> bool:
+    """After the round of ``n`` seeds: say where every arm stands; whether the rounds are over."""
+    if any(r["status"] == "failed" for r in summary["runs"]):
+        board.bar.write(f"look at {n} seeds: a run failed, no further rounds")
+        return True
+    verdicts = ", ".join(f"{a['step']}: {a['verdict']}" for a in summary["by_step"] if a.get("verdict"))
+    done = summary["sequential"]["decided"]
+    board.bar.write(f"look at {n} seeds: {verdicts}" + ("; every arm decided" if done else ""))
+    return done
 
 
 def _record(job: Job, result: dict[str, Any]) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def arm_config(
         inputs["resume"] = "auto"  # an interrupted arm continues where its checkpoint left off
         inputs["save_checkpoint"] = True  # so that there is a checkpoint to continue from
     if cfg.track.tracker_run_name or cfg.track.tracker != "none":
-        suffix = f"-{arm.name}" + (f"-seed{seed}" if cfg.ablation.ablation_seeds > 1 else "")
+        suffix = f"-{arm.name}" + (f"-seed{seed}" if cfg.ablation.ablation_seeds != 1 else "")
         inputs["tracker_run_name"] = (cfg.track.tracker_run_name or "ablation") + suffix
     try:
         return resolve(inputs, explicit=set(inputs))
@@ -153,7 +153,8 @@ def plan(cfg: RunConfig, threads: int | None = None) -> tuple[list[Job], list[Ar
     """Every (arm, seed) job of ``cfg``'s ablation, checked before any trains; with its arms, the
     control's name and the seeds."""
     arms, control = arms_of(cfg)
-    seeds = [cfg.train.seed + k for k in range(cfg.ablation.ablation_seeds)]
+    count = cfg.ablation.ablation_seeds or cfg.ablation.max_seeds  # auto: as many as the rule may need
+    seeds = [cfg.train.seed + k for k in range(count)]
     out = Path(cfg.output.output_dir)
     several = len(seeds) > 1
     jobs = [

@@ -46,6 +46,7 @@ class Run:
     path: Path
     train: list[dict[str, Any]] = field(default_factory=list)  # log steps (have "lr")
     evals: list[dict[str, Any]] = field(default_factory=list)  # evaluations (have "val_loss")
+    compares: list[dict[str, Any]] = field(default_factory=list)  # comparison evaluations
     results: dict[str, Any] = field(default_factory=dict)  # results.json ({} while unfinished)
 
     def final(self, key: str) -> Any:
@@ -154,6 +155,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
                 path=d,
                 train=[r for r in records if "lr" in r],
                 evals=[r for r in records if "val_loss" in r],
+                compares=[r for r in records if "compare_val_loss" in r],
                 results=results,
             )
         )
@@ -398,13 +400,18 @@ def interp(xs: Sequence[float], ys: Sequence[float], at: float) -> float | None:
 
 
 def draw_arm_bands(arms: dict[str, list[Run]], out: Path) -> list[tuple[str, Path]]:
-    """Per arm, the validation loss over seeds (mean line, min-max band) against tokens and training time."""
+    """Per arm, the validation loss over seeds (mean line, min-max band) against tokens and training
+    time: on the comparison batches where every run has such a curve (every budget then has points
+    at the same steps), else from the regular evaluations."""
     if not any(len(rs) > 0 for rs in arms.values()):
         return []
+    runs = [r for rs in arms.values() for r in rs]
+    compared = all(len(r.compares) > 1 for r in runs)
+    kind, key = ("compares", "compare_val_loss") if compared else ("evals", "val_loss")
     fig = _figure(2)
     for ax, x, label in zip(fig.axes, ("tokens", "elapsed_s"), ("tokens", "training time (s)")):
         for i, (name, rs) in enumerate(arms.items()):
-            curves = [c for c in (_series(r.evals, x, "val_loss") for r in rs) if c[0]]
+            curves = [c for c in (_series(getattr(r, kind), x, key) for r in rs) if c[0]]
             if curves and all(len(c[0]) == 1 for c in curves):  # one evaluation each: a point, min-max bar
                 xs, ys = [c[0][0] for c in curves], [c[1][0] for c in curves]
                 mean = sum(ys) / len(ys)
@@ -431,7 +438,8 @@ def draw_arm_bands(arms: dict[str, list[Run]], out: Path) -> list[tuple[str, Pat
             ax.fill_between(
                 gx, [min(c) for _, c in keep], [max(c) for _, c in keep], color=f"C{i % 10}", alpha=0.2
             )
-        ax.set_title("validation loss per arm (mean, min-max over seeds)")
+        where = " on the comparison batches" if compared else ""
+        ax.set_title(f"validation loss{where} per arm (mean, min-max over seeds)", fontsize="medium")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
         if ax.get_lines() or ax.containers:

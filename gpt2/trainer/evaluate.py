@@ -26,8 +26,9 @@ def evaluate(
     dist: distributed.DistInfo,
     console: Console,
     before_batch: Callable[[], None] = lambda: None,
+    splits: tuple[str, ...] = ("train", "val"),
 ) -> dict[str, float]:
-    """``{split}_loss`` and ``{split}_loss_se`` for train and val, and ``val_perplexity``.
+    """``{split}_loss`` and ``{split}_loss_se`` for ``splits``, and ``val_perplexity``.
 
     ``samples`` batches per split per rank; the same windows every time, so successive
     evaluations are comparable. ``model`` is switched to eval mode and back; ``eval_model`` (the
@@ -37,7 +38,7 @@ def evaluate(
     model.eval()
     try:
         out: dict[str, float] = {}
-        for split in ("train", "val"):
+        for split in splits:
             losses = []
             for x, y in console.batches(data.eval_batches(split, samples), samples, f"eval {split}"):
                 before_batch()
@@ -57,3 +58,17 @@ def evaluate(
         model.train()
     out["val_perplexity"] = math.exp(min(out["val_loss"], 20.0))
     return out
+
+
+COMPARE_FIRST_STEP = 16  # comparison evaluations at 16, 23, 32, 45, 64, 91, 128, ... steps (x sqrt 2)
+
+
+def is_compare_step(step: int) -> bool:
+    """Whether ``step`` is on the comparison grid: round(16 * 2^(k/2)) for k = 0, 1, 2, ...
+
+    A geometric grid puts a handful of points at every scale of a budget that is not known in
+    advance (a time budget), so any two runs have points around their common token count."""
+    if step < COMPARE_FIRST_STEP:
+        return False
+    k = round(2 * math.log2(step / COMPARE_FIRST_STEP))
+    return any(round(COMPARE_FIRST_STEP * 2 ** (j / 2)) == step for j in (k - 1, k, k + 1) if j >= 0)

@@ -40,7 +40,7 @@ from gpt2.track.perf import mfu
 from gpt2.track.trackers import Trackers, default_project, default_run_name
 from gpt2.track.window import LogWindow
 from gpt2.trainer import checkpoint, distributed
-from gpt2.trainer.evaluate import evaluate
+from gpt2.trainer.evaluate import evaluate, is_compare_step
 from gpt2.trainer.extension import Extension, Extensions
 from gpt2.trainer.signals import STOP, Stopped, StopRequest, catch_stop_signals
 from gpt2.trainer.state import TrainClock, TrainState
@@ -339,6 +339,9 @@ class Trainer:
                 if st.last_eval.get("step") != st.step and self._eval_due():
                     with window.paused(), self.clock.paused():
                         self._evaluate_and_log(metrics, trackers)
+                if self._compare_due():  # one a signal abandoned at this checkpoint's step
+                    with window.paused(), self.clock.paused():
+                        self._compare_and_log(metrics, trackers)
                 stop_reason = self._loop(window, metrics, trackers)
             except Stopped as e:  # in an evaluation or a step's micro-steps: both leave no trace
                 stop_reason = f"signal {e.name}"
@@ -377,6 +380,9 @@ class Trainer:
             if self._eval_due():
                 with window.paused(), self.clock.paused():  # neither throughput nor budget
                     self._evaluate_and_log(metrics, trackers)
+            if self._compare_due():
+                with window.paused(), self.clock.paused():
+                    self._compare_and_log(metrics, trackers)
             if save_due:
                 with window.paused(), self.clock.paused():
                     self.save()
@@ -607,6 +613,43 @@ class Trainer:
             )
         return False
 
+    def _compare_due(self) -> bool:
+        """A comparison evaluation at this step: on the grid of :func:`.evaluate.is_compare_step`,
+        whatever --eval-interval and --eval-budget say (it is small, and arms need it)."""
+        st = self.state
+        return self.cfg.train.compare_batches > 0 and st.last_compare != st.step and is_compare_step(st.step)
+
+    def _compare_and_log(self, metrics: Any, trackers: Trackers) -> None:
+        """The validation loss on the first --compare-batches windows: a point of the curve on which
+        the arms of an ablation are compared (counted as evaluation time, never as training time)."""
+        st = self.state
+        t0 = time.perf_counter()
+        with contextlib.nullcontext() if self.dist.enabled else STOP.cancellable():
+            ev = evaluate(
+                self.model,
+                self.eval_model,
+                self.data,
+                samples=self.cfg.train.compare_batches,
+                device=self.device,
+                dtype=self.dtype,
+                dist=self.dist,
+                console=self.console,
+                before_batch=self._before_eval_batch,
+                splits=("val",),
+            )
+        compare_s = time.perf_counter() - t0
+        st.eval_time += compare_s
+        st.last_compare = st.step
+        record = {
+            "step": st.step,
+            "tokens": st.step * self.tokens_per_step,
+            "elapsed_s": st.train_time,
+            "compare_val_loss": ev["val_loss"],
+            "compare_s": compare_s,
+        }
+        metrics.write(record)
+        trackers.log({"compare_val_loss": ev["val_loss"]}, step=st.step)
+
     def _before_eval_batch(self) -> None:
         faults.point("eval_batch")
         if not self.dist.enabled:
@@ -668,6 +711,12 @@ class Trainer:
         if not stop_reason.startswith("signal") and (last.get("step") != self.step or "val_loss" not in last):
             try:
                 self._evaluate_and_log(metrics, trackers)
+            except Stopped as e:
+                stop_reason = f"signal {e.name}"
+        if not stop_reason.startswith("signal") and c.train.compare_batches > 0:
+            try:  # the curve of comparison evaluations ends where the run ends
+                if self.state.last_compare != self.step:
+                    self._compare_and_log(metrics, trackers)
             except Stopped as e:
                 stop_reason = f"signal {e.name}"
         stopped = stop_reason.startswith("signal")

@@ -32,6 +32,7 @@ class TrainState:
     restarts: int = 0
     # The latest complete evaluation, with its "step" (a signal may abandon one: it is redone).
     last_eval: dict[str, float] = field(default_factory=dict)
+    last_compare: int = -1  # the step of the latest complete comparison evaluation
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,6 @@ def test_time_budgeted_arms_with_only_a_final_evaluation_compare_at_equal_time()
         dict(status="done", curve=[(200_000, 95.0, 5.5)]),  # 5% late: not at the same time
     ]
     budget = _equal_budgets(rows)
-    assert budget == {"tokens": 170_000, "train_time_s": 90.1}
+    assert budget == {"tokens": 170_000, "train_time_s": 90.1, "curve_of": "evaluation"}
     assert [r["val_loss_at_equal_time"] for r in rows] == [5.2, 5.7, None]
     assert [r["val_loss_at_equal_tokens"] for r in rows] == [5.2, None, None]
