@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt2.analysis import stats
 from gpt2.cli import parse
 from gpt2.config import resolve
 from gpt2.errors import UserError
@@ -454,3 +455,33 @@ def test_the_ablation_is_validated_as_its_control_arm_and_arm_folders_are_safe(t
     )
     names = [a.name for a in arms_of(paths)[0]]
     assert "/" not in names[0] and names[1] == "shakespeare"
+
+
+def test_auto_seeds_run_in_rounds_until_every_arm_is_decided(tmp_path) -> None:
+    """V1 is 0.5 better on every seed: decided at the first look (2 seeds), no further round."""
+    cfg = ablation_config(tmp_path, "V0,V1", ablation_seeds=0, max_seeds=6, seed=10)
+    fake = FakeExecutor(
+        {(s, 10 + k): 3.0 - 0.5 * (s == "V1") + 0.001 * k * k for s in ("V0", "V1") for k in range(6)}
+    )
+    summary = run_ablation(cfg, fake)
+    assert sorted((c.model.ra_step, c.train.seed) for c in fake.received) == [
+        ("V0", 10), ("V0", 11), ("V1", 10), ("V1", 11)
+    ]  # fmt: skip
+    assert summary["seeds"] == [10, 11] and summary["sequential"]["decided"]
+    v1 = summary["by_step"][1]
+    assert v1["verdict"] == "difference" and v1["p_holm"] < stats.look_alpha(2, 6)
+    md = (tmp_path / "ablation_summary.md").read_text()
+    assert "| better |" in md and "Lan-DeMets" in md and "Holm-Bonferroni" in md
+
+
+def test_auto_seeds_stop_at_the_maximum_and_say_what_is_ruled_out(tmp_path) -> None:
+    noise = [0.3, -0.2, 0.25, -0.35]  # V3 - V0 swings by more than the effect of interest
+    cfg = ablation_config(tmp_path, "V0,V3", ablation_seeds=0, max_seeds=4, min_effect=0.01, seed=10)
+    fake = FakeExecutor(
+        {**{("V0", 10 + k): 3.0 for k in range(4)}, **{("V3", 10 + k): 3.0 + d for k, d in enumerate(noise)}}
+    )
+    summary = run_ablation(cfg, fake)
+    assert len(fake.received) == 8 and summary["seeds"] == [10, 11, 12, 13]
+    v3 = summary["by_step"][1]
+    assert v3["verdict"] == "undecided" and not summary["sequential"]["decided"] and v3["ruled_out"] > 0.3
+    assert "undecided (rules out >" in (tmp_path / "ablation_summary.md").read_text()

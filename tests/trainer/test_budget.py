@@ -94,3 +94,23 @@ def test_a_run_within_its_budget_reports_no_overrun_warning(tiny_flags, capsys) 
     assert results["stop_reason"] == "max_time" and results["iters"] > 1
     assert 0 <= results["budget_overrun_s"] < results["train_time_s"] / results["iters"] + 0.05
     assert "first step took" not in capsys.readouterr().err
+
+
+def test_comparison_evaluations_run_on_their_grid_whatever_the_evaluation_budget(
+    tiny_flags, tmp_path
+) -> None:
+    """A time-budgeted run whose --eval-budget allows no regular evaluation still has the comparison
+    curve: the same validation batches at steps 16, 23, 32, ... and at its last step, counted as
+    evaluation time; --compare-batches 0 turns them off."""
+    flags = tiny_flags | dict(max_iters=100_000, max_time=3.0, eval_interval=1000, eval_budget=0.01)
+    r = train_once(resolve(flags | dict(output_dir=str(tmp_path / "a"), compare_batches=2)))
+    records = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    compares = [m for m in records if "compare_val_loss" in m]
+    grid = [s for s in (16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512) if s < r["iters"]]
+    assert [m["step"] for m in compares] == [*grid, r["iters"]] and len(grid) >= 1
+    assert all(0 < m["compare_val_loss"] < 11 for m in compares)
+    assert r["eval_time_s"] >= sum(m["compare_s"] for m in compares)
+    assert [m["step"] for m in records if "val_loss" in m] == [r["iters"]]  # regular: the final one only
+    off = train_once(resolve(flags | dict(output_dir=str(tmp_path / "b"), compare_batches=0, max_time=1.0)))
+    assert not [m for m in read_metrics(tmp_path / "b" / "metrics.jsonl") if "compare_val_loss" in m]
+    assert off["iters"] > 0
