@@ -271,23 +271,31 @@ def _equal_text(equal: dict[str, Any]) -> str:
 
 
 def summary_latex(s: dict[str, Any]) -> str:
-    """The summary as a booktabs table for a paper: arm, val loss, Δ with its 95% interval, ppl."""
+    """The summary as a booktabs table for a paper: arm, the verdict's metric, Δ with its 95% interval,
+    the Holm-adjusted p-value, final val loss."""
     control = s["control"]
     sparsity = any(a.get("final_sparsity") is not None for a in s["by_step"])
     esc = lambda t: str(t).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
-    cols = "lrrrr" + ("r" if sparsity else "")
-    head = ["Arm", "Val loss", f"$\\Delta$ vs {esc(control)}", "95\\% CI", "Val ppl"] + (
-        ["Sparsity"] if sparsity else []
-    )
+    pm = lambda text: text.replace("±", "$\\pm$")
+    cols = "lrrrrr" + ("r" if sparsity else "")
+    head = [
+        "Arm",
+        esc(s.get("decide_on", DECIDE_DEFAULT)).replace("\\_", " "),
+        f"$\\Delta$ vs {esc(control)}",
+        "95\\% CI",
+        "$p$ (Holm)",
+        "Final val loss",
+    ] + (["Sparsity"] if sparsity else [])
     lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(head) + r" \\", "\\midrule"]
     for a in s["by_step"]:
         ci = a.get("delta_ci95")
         cells = [
             esc(a["step"]),
-            _fmt(a["final_val_loss"], a["final_val_loss_std"]).replace("±", "$\\pm$"),
-            "--" if a["step"] == control else _fmt(a["delta_val_loss_vs_control"]),
+            pm(_fmt(a["decide_value"], a["decide_value_std"])),
+            "--" if a["step"] == control else pm(_fmt(a["delta_vs_control"], a["delta_vs_control_std"])),
             "--" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]",
-            _fmt(a["final_val_ppl"], digits=2),
+            "--" if a.get("p_holm") is None else _p(a["p_holm"]).replace("<", "$<$"),
+            pm(_fmt(a["final_val_loss"], a["final_val_loss_std"])),
         ] + ([_fmt(a.get("final_sparsity"), digits=3)] if sparsity else [])
         lines.append(" & ".join(cells) + r" \\")
     lines += ["\\bottomrule", "\\end{tabular}"]
