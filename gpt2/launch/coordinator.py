@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gpt2 import config_file, faults
 from gpt2.analysis import stats
@@ -34,7 +34,28 @@ POLL_S = {"local": 0.1, "slurm": 2.0}  # how often job states are read
 MAX_SUBMISSIONS = 3  # per coordinator: a SLURM job that keeps ending unfinished is then reported
 
 
-def make_executor(cfg: RunConfig) -> Any:
+class Executor(Protocol):
+    """What the coordinator needs of a launcher (:mod:`.local`, :mod:`.slurm`)."""
+
+    name: str  # "local" or "slurm"
+    threads: int | None  # CPU threads each run is given (recorded in its config)
+
+    def describe(self) -> str: ...  # how the runs are launched, for the summary
+
+    def free(self) -> int: ...  # how many more jobs it takes now
+
+    def submit(self, jobs: list[Job]) -> dict[int, dict]: ...  # job index -> what to record (job_id, pid)
+
+    def reattach(self, job: Job, record: dict) -> bool: ...  # watch a job an earlier coordinator left
+
+    def states(self) -> dict[int, str]: ...  # live job index -> queued | running | ended
+
+    def live(self) -> list[Job]: ...
+
+    def stop(self) -> None: ...  # pass a stop on to the running jobs (local) or leave them (slurm)
+
+
+def make_executor(cfg: RunConfig) -> Executor:
     """The executor ``cfg`` asks for, checked against this machine (one line when it cannot work)."""
     launcher = cfg.launcher
     if launcher.launcher == "slurm":
@@ -111,7 +132,7 @@ def _dry_run(jobs: list[Job]) -> dict[str, Any]:
     return {"runs": runs}
 
 
-def run_ablation(cfg: RunConfig, executor: Any = None) -> dict[str, Any]:
+def run_ablation(cfg: RunConfig, executor: Executor | None = None) -> dict[str, Any]:
     """Run every (arm, seed) of ``cfg``'s ablation as its own job; returns the summary (also on disk).
 
     After the summary is written: :class:`~gpt2.trainer.signals.Stopped` if a stop signal ended the
@@ -122,8 +143,9 @@ def run_ablation(cfg: RunConfig, executor: Any = None) -> dict[str, Any]:
             "an ablation launches its own runs: start it without torchrun (--gpus-per-run K runs each "
             "job under torchrun with K processes)"
         )
-    if cfg.train.dry_run:
-        return _dry_run(plan(cfg)[0])
+    if cfg.train.dry_run:  # one seed of each arm: seeds do not change what is built
+        jobs, _, _, seeds = plan(cfg)
+        return _dry_run([j for j in jobs if j.seed == seeds[0]])
     executor = executor or make_executor(cfg)
     jobs, arms, control, seeds = plan(cfg, executor.threads)  # every arm is checked before any runs
     out = Path(cfg.output.output_dir)
@@ -222,7 +244,7 @@ def _record(job: Job, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _watch(
-    executor: Any, board: _Board, todo: list[Job], records: dict, rebuild: Any, keep_checkpoints: bool
+    executor: Executor, board: _Board, todo: list[Job], records: dict, rebuild: Any, keep_checkpoints: bool
 ) -> Stopped | None:
     """Submit as room allows and follow every job to its end; returns the stop a run reported, if any."""
     submissions: dict[int, int] = {}

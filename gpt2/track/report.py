@@ -288,7 +288,7 @@ def _plot(
 ) -> Path | None:
     """One PNG with a panel per ``(records, x, y, title)``; every run is one coloured line per panel.
 
-    ``records`` is ``"train"`` or ``"evals"``. Returns None when no panel has any data.
+    ``records`` is ``"train"``, ``"evals"`` or ``"compares"``. Returns None when no panel has any data.
     """
     if not any(_series(getattr(r, src), x, y)[0] for r in runs for src, x, y, _ in panels):
         return None
@@ -298,7 +298,7 @@ def _plot(
         for run, color in zip(runs, colors):
             xs, ys = _series(getattr(run, src), x, y)
             if xs:
-                ax.plot(xs, ys, color=color, label=run.name, marker="o" if src == "evals" else None, ms=3)
+                ax.plot(xs, ys, color=color, label=run.name, marker="o" if src != "train" else None, ms=3)
         ax.set_title(title)
         ax.set_xlabel({"tokens": "tokens", "elapsed_s": "training time (s)", "step": "step"}.get(x, x))
         ax.grid(alpha=0.3)
@@ -310,14 +310,23 @@ def _plot(
 
 
 def draw_plots(runs: list[Run], out: Path) -> list[tuple[str, Path]]:
-    """The report's PNGs under ``out``: ``[(caption, path)]`` for the plots that had data."""
+    """The report's PNGs under ``out``: ``[(caption, path)]`` for the plots that had data.
+
+    The validation panels draw the comparison evaluations where a run has too few regular ones for a
+    curve (a time-budgeted run whose evaluation budget left only the final one)."""
+    few = any(len(r.evals) < 2 for r in runs) and all(len(r.compares) > 1 for r in runs)
+    val = (
+        ("compares", "compare_val_loss", "validation loss (comparison batches)")
+        if few
+        else ("evals", "val_loss", "validation loss")
+    )
     specs: list[tuple[str, str, list[tuple[str, str, str, str]]]] = [
         ("Loss against tokens", "loss_vs_tokens.png",
          [("train", "tokens", "train_loss", "train loss (training batches)"),
-          ("evals", "tokens", "val_loss", "validation loss")]),
+          (val[0], "tokens", val[1], val[2])]),
         ("Loss against training time", "loss_vs_time.png",
          [("train", "elapsed_s", "train_loss", "train loss (training batches)"),
-          ("evals", "elapsed_s", "val_loss", "validation loss")]),
+          (val[0], "elapsed_s", val[1], val[2])]),
         ("Learning rate", "lr.png", [("train", "step", "lr", "learning rate")]),
         ("Throughput", "throughput.png",
          [("train", "step", "tokens_per_s", "tokens/s (training, between log steps)")]),
