@@ -22,7 +22,8 @@ class TrainState:
     step: int = 0  # completed optimizer steps
     best_val_loss: float = math.inf
     train_time: float = 0.0  # seconds of training steps (what --max-time budgets), over all segments
-    eval_time: float = 0.0  # seconds spent evaluating (not in train_time)
+    eval_time: float = 0.0  # seconds spent evaluating (not in train_time), comparison evaluations included
+    compare_time: float = 0.0  # of which comparison evaluations (outside --eval-budget's cap)
     compile_time: float = 0.0  # seconds of the first, compiling step under --compile (not in train_time)
     checkpoint_time: float = 0.0  # seconds spent writing checkpoints (not in train_time)
     wall_time: float = 0.0  # seconds of the whole run so far, data preparation included
