@@ -172,7 +172,9 @@ def _interrupt(case: Case, flags: dict) -> tuple[subprocess.CompletedProcess, fl
         proc.send_signal(case.signum)
     _, err = proc.communicate(timeout=300)
     done = time.monotonic()
-    fired = re.search(r"fault injected: \S+ at .*, monotonic ([\d.]+)", err)
+    # an ablation's runs are processes of their own: a fault that fires in one is in its job.log
+    logs = err + "".join(log.read_text() for log in Path(flags["output_dir"]).rglob("job.log"))
+    fired = re.search(r"fault injected: \S+ at .*, monotonic ([\d.]+)", logs)
     if case.fault:
         assert fired, f"the fault never fired:\n{err[-3000:]}"
         sent = float(fired.group(1))
