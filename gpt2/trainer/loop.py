@@ -562,21 +562,26 @@ class Trainer:
         self.say(f"restarted from {last} at step {st.step} with the LR scaled by {scale:g}")
         return True
 
-    def evaluate(self) -> dict[str, float]:
-        """Losses on fixed windows of both splits (see :func:`.evaluate.evaluate`) and extension metrics."""
+    def _losses(self, samples: int, splits: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
+        """Losses on the first ``samples`` fixed windows of ``splits`` (see :func:`.evaluate.evaluate`)."""
         # Cancellable in one process; under torchrun the ranks agree before each batch instead.
         with contextlib.nullcontext() if self.dist.enabled else STOP.cancellable():
-            ev = evaluate(
+            return evaluate(
                 self.model,
                 self.eval_model,
                 self.data,
-                samples=self.cfg.train.eval_samples,
+                samples=samples,
                 device=self.device,
                 dtype=self.dtype,
                 dist=self.dist,
                 console=self.console,
                 before_batch=self._before_eval_batch,
+                splits=splits,
             )
+
+    def evaluate(self) -> dict[str, float]:
+        """Losses on fixed windows of both splits and extension metrics."""
+        ev = self._losses(self.cfg.train.eval_samples)
         for ext in self.extensions:
             ev.update(ext.eval_metrics(self.model))
         return ev
@@ -625,19 +630,7 @@ class Trainer:
         the arms of an ablation are compared (counted as evaluation time, never as training time)."""
         st = self.state
         t0 = time.perf_counter()
-        with contextlib.nullcontext() if self.dist.enabled else STOP.cancellable():
-            ev = evaluate(
-                self.model,
-                self.eval_model,
-                self.data,
-                samples=self.cfg.train.compare_batches,
-                device=self.device,
-                dtype=self.dtype,
-                dist=self.dist,
-                console=self.console,
-                before_batch=self._before_eval_batch,
-                splits=("val",),
-            )
+        ev = self._losses(self.cfg.train.compare_batches, splits=("val",))
         compare_s = time.perf_counter() - t0
         st.eval_time += compare_s
         st.compare_time += compare_s
