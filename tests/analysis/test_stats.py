@@ -39,10 +39,10 @@ def test_the_looks_spend_exactly_the_level_and_most_of_it_late() -> None:
 
 @pytest.mark.parametrize("arms", [1, 3])
 def test_with_no_true_effect_the_rule_calls_a_difference_at_most_at_its_level(arms: int) -> None:
-    """Seeds in rounds of 2..10, stopping at the first decisive look: over 3,000 simulated
+    """Seeds in rounds of 2..10, stopping at the first decisive look: over 2,000 simulated
     ablations whose arms equal the control, the rate of any false 'difference' stays within 5%
     plus three Monte Carlo standard errors."""
-    rng, sims, false = random.Random(0), 3000, 0
+    rng, sims, false = random.Random(0), 2000, 0
     for _ in range(sims):
         deltas = {f"arm{i}": [rng.gauss(0.0, 1.0) for _ in range(10)] for i in range(arms)}
         verdicts = stats.sequential(deltas, max_seeds=10, margin=0.5)

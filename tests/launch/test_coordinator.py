@@ -384,6 +384,7 @@ def test_an_arm_that_cannot_run_stops_the_ablation_before_any_training(tmp_path)
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # (the default suite's time: test_local's bitwise test runs real arms)
 def test_ablate_optimizer_runs_every_arm_from_the_same_start(tiny_flags, tmp_path) -> None:
     flags = tiny_flags | dict(max_iters=6, eval_interval=3, output_dir=str(tmp_path / "abl"))
     del flags["optimizer"]  # the ablated setting

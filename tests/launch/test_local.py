@@ -28,6 +28,7 @@ def test_two_workers_give_the_sequential_runs_bitwise(sequential, corpus_dir, da
     assert_same_runs(out, sequential)
 
 
+@pytest.mark.slow  # (the default suite's time: the fake executor and the fault matrix cover this)
 def test_a_failing_run_is_reported_with_its_log_tail_and_the_others_finish(
     corpus_dir, data_dir, tmp_path, monkeypatch
 ) -> None:
@@ -44,6 +45,7 @@ def test_a_failing_run_is_reported_with_its_log_tail_and_the_others_finish(
     assert "injected fault at step_end #3" in (out / "ablation_summary.md").read_text()
 
 
+@pytest.mark.slow  # (the default suite's time: the fake executor and the fault matrix cover this)
 def test_a_stop_signal_reaches_every_running_job_and_the_rerun_ends_bitwise_equal(
     sequential, corpus_dir, data_dir, tmp_path
 ) -> None:
