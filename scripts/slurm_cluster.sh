@@ -105,9 +105,11 @@ start() {
 
 stop() {
   need_root
+  local pid
   for f in "$STATE/slurmd.pid" "$STATE/slurmctld.pid" /run/munge/munged.pid; do
-    if [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null; then
-      for _ in $(seq 1 50); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.2; done
+    pid=$(cat "$f" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     fi
   done
   echo "slurm_cluster: stopped"
