@@ -98,6 +98,7 @@ class SlurmExecutor:
         self.settings = launcher
         self._live: dict[int, str] = {}  # job index -> SLURM job id, while queued or running
         self._jobs: dict[int, Job] = {}
+        self._snapshot: dict[str, str] | None = None  # the queue when a rerun started
         if not shutil.which("sbatch") or not shutil.which("squeue"):
             raise UserError("--launcher slurm: sbatch and squeue are not on PATH (no SLURM client here)")
 
@@ -166,7 +167,9 @@ class SlurmExecutor:
     def reattach(self, job: Job, record: dict) -> bool:
         """Watch ``job`` if the job recorded for it is still queued or running."""
         job_id = record.get("job_id")
-        if not job_id or job_id not in self._queue():
+        if self._snapshot is None:  # one squeue for all the jobs a rerun looks for
+            self._snapshot = self._queue()
+        if not job_id or job_id not in self._snapshot:
             return False
         self._live[job.index], self._jobs[job.index] = job_id, job
         return True

@@ -3,6 +3,9 @@ that every executor must reproduce bitwise."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import torch
 from gpt2.cli import parse
 from gpt2.launch.coordinator import run_ablation
 from gpt2.trainer import checkpoint
-from tests.conftest import as_argv, tiny_run_flags
+from tests.conftest import REPO, as_argv, tiny_run_flags
 
 ARMS = ("adamw", "muon")
 SEEDS = (1337, 1338)
@@ -60,3 +63,29 @@ def sequential(tmp_path_factory, corpus_dir, data_dir) -> Path:
         summary: dict[str, Any] = run_ablation(parse(ablation_argv(corpus_dir, data_dir, out)))
     assert [r["status"] for r in summary["runs"]] == ["done"] * 4
     return out
+
+
+@pytest.fixture
+def coordinator():
+    """Starts ``gpt2/train.py ARGV`` as a coordinator process (stdout and stderr piped apart); one a
+    test leaves running is killed afterwards."""
+    procs: list[subprocess.Popen] = []
+
+    def start(argv: list[str]) -> subprocess.Popen:
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "gpt2/train.py", *argv],
+                cwd=REPO,
+                env=dict(os.environ, PYTHONPATH=str(REPO)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -4,10 +4,7 @@ reported with its log while the others finish, and a stop reaches every running 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +12,6 @@ import pytest
 from gpt2.cli import parse
 from gpt2.errors import UserError
 from gpt2.launch.coordinator import run_ablation
-from tests.conftest import REPO
 from tests.launch.conftest import ablation_argv, assert_same_runs, run_dirs
 
 
@@ -47,20 +43,13 @@ def test_a_failing_run_is_reported_with_its_log_tail_and_the_others_finish(
 
 @pytest.mark.slow  # (the default suite's time: the fake executor and the fault matrix cover this)
 def test_a_stop_signal_reaches_every_running_job_and_the_rerun_ends_bitwise_equal(
-    sequential, corpus_dir, data_dir, tmp_path
+    sequential, coordinator, corpus_dir, data_dir, tmp_path
 ) -> None:
     """SIGTERM to the coordinator while two runs train: both save and stop, the coordinator exits 0
     saying so, and the same command rerun resumes both to the uninterrupted weights."""
     out = tmp_path / "abl"
     argv = ablation_argv(corpus_dir, data_dir, out, "--ablation-workers", "2")
-    proc = subprocess.Popen(
-        [sys.executable, "gpt2/train.py", *argv],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = coordinator(argv)
     first = [run_dirs(out)[("adamw", s)] for s in (1337, 1338)]
     deadline = time.monotonic() + 120
     while not all((d / "checkpoint_last.pt").exists() for d in first):

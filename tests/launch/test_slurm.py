@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,30 +42,10 @@ def slurm_cluster():
         subprocess.run([*CLUSTER, "stop"], capture_output=True, timeout=120)
 
 
-@pytest.fixture
-def coordinator():
-    """Starts ``gpt2/train.py ARGV`` as a coordinator process; whatever a test leaves behind (that
-    process, its SLURM jobs) is ended afterwards."""
-    procs: list[subprocess.Popen] = []
-
-    def start(argv: list[str]) -> subprocess.Popen:
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "gpt2/train.py", *argv],
-                cwd=REPO,
-                env=dict(os.environ, PYTHONPATH=str(REPO)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-        return procs[-1]
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+@pytest.fixture(autouse=True)
+def _no_jobs_left():
+    """Whatever SLURM jobs a test leaves behind are cancelled afterwards."""
+    yield
     subprocess.run(["scancel", "--name=gpt2-ablation"], capture_output=True)
 
 
@@ -83,7 +62,7 @@ def _wait(condition, proc: subprocess.Popen, what: str, timeout_s: float = 240) 
     deadline = time.monotonic() + timeout_s
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"the coordinator ended before {what}:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"the coordinator ended before {what}:\n{proc.communicate()[1][-3000:]}")
         assert time.monotonic() < deadline, f"not {what} within {timeout_s} s"
         time.sleep(0.05)
 
@@ -123,8 +102,8 @@ def test_a_job_sent_sigterm_is_requeued_and_resumes_to_the_same_weights(
     _wait(lambda: "PENDING" in _queue().get(job_id, ""), proc, "the job was requeued")
     # SLURM holds a requeued job for 120 s (its fixed BeginTime); let it start now
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-    stdout, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stdout[-3000:]
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
     assert "[1/4] adamw (seed 1337): requeued" in stdout
     log = (first / "job.log").read_text()
     assert "stopped by SIGTERM" in log and f"slurm job {job_id}, restart 1" in log
