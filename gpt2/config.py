@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from gpt2.data.synthetic import TASKS, TaskParams
 from gpt2.errors import ConfigError
 from gpt2.model.config import GPTConfig
 from gpt2.model.steps import STEPS, apply_step, get_step, parse_steps
@@ -33,7 +34,9 @@ PRUNING_RAMP_FRACTION = 0.8  # default ramp end, as a fraction of --max-iters
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 TRACKERS = ("none", "wandb", "trackio")
-KNOWN_DATASETS = ("shakespeare", "finewebedu", "openwebtext")
+CORPORA = ("shakespeare", "finewebedu", "openwebtext")
+KNOWN_DATASETS = CORPORA + tuple(TASKS)
+GPT2_VOCAB = 50304  # GPT-2's 50257 ids padded to a multiple of 64 for fast matmuls
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -88,6 +91,12 @@ class ModelSection:
         None, "dropout probability everywhere (preset default: 0.1 GPT-2, 0 tiny)", rule=FRACTION
     )
     bias: bool = opt(True, "bias in Linear and LayerNorm layers")
+    vocab_size: int | None = opt(
+        None,
+        f"rows of the embedding and LM head (default: {GPT2_VOCAB}, GPT-2's 50257 padded, for text; "
+        "--task-vocab-size for a synthetic task)",
+        rule=POSITIVE,
+    )
     ra_step: str | None = opt(
         None,
         f"V-series step for --architecture unified-ra: {', '.join(STEPS)} (default {DEFAULT_RA_STEP}; "
@@ -245,8 +254,36 @@ class DataSection:
 
     dataset: str = opt(
         "shakespeare",
-        "shakespeare (bundled, offline), finewebedu, openwebtext, or a path to a text file or folder",
+        "shakespeare (bundled, offline), finewebedu, openwebtext, a path to a text file or folder, or a "
+        "synthetic probe task generated from --task-seed: mqar (multi-query associative recall, Zoology) "
+        "or copy; a task's examples are --block-size tokens long and only its answers are scored",
         rule=NOT_EMPTY,
+    )
+    task_vocab_size: int = opt(
+        8192, "synthetic tasks: token ids 0..N-1 (Zoology's MQAR uses 8192)", rule=AT_LEAST_ONE
+    )
+    task_train_examples: int = opt(
+        100_000, "synthetic tasks: training examples (drawn at random, with replacement)", rule=POSITIVE
+    )
+    task_val_examples: int = opt(
+        3_000, "synthetic tasks: validation examples (evaluations take the first ones)", rule=POSITIVE
+    )
+    task_seed: int = opt(
+        0, "synthetic tasks: seed of the examples (the same for every --seed, like a prepared dataset)"
+    )
+    mqar_kv_pairs: int | None = opt(
+        None,
+        "mqar: key-value pairs per example, each queried once (default: block size / 16, the ratio of "
+        "Zoology's Figure 2: 4 at 64, 8 at 128, 16 at 256)",
+        rule=POSITIVE,
+    )
+    mqar_power_a: float = opt(
+        0.01,
+        "mqar: power-law exponent a of the query gaps, p(gap i) ~ a * i^(a-1) (1: uniform)",
+        rule=POSITIVE,
+    )
+    mqar_random_non_queries: bool = opt(
+        False, "mqar: fill the positions between queries with random tokens instead of 0 (Figure 2: 0)"
     )
     data_dir: str = opt("./gpt2/data", "where prepared datasets live (<data-dir>/<dataset>/train.bin)")
     batch_size: int | None = opt(
@@ -544,6 +581,7 @@ class RunConfig:
         preset = PRESETS[m.model_name]
         shapes = GPTConfig(
             block_size=m.block_size,
+            vocab_size=m.vocab_size or (self.data.task_vocab_size if self.task_params else GPT2_VOCAB),
             n_layer=m.n_layer or preset.n_layer,
             n_head=m.n_head or preset.n_head,
             n_embd=m.n_embd or preset.n_embd,
@@ -572,6 +610,20 @@ class RunConfig:
             known = {f.name for f in fields(section)}
             kwargs[name] = section(**{k: v for k, v in d.get(name, {}).items() if k in known})
         return cls(**kwargs, explicit=tuple(d.get("explicit", ())))
+
+    @property
+    def task_params(self) -> TaskParams | None:
+        """The synthetic task's parameters (None: the dataset is a text corpus)."""
+        d = self.data
+        if d.dataset not in TASKS:
+            return None
+        return TaskParams(
+            vocab_size=d.task_vocab_size,
+            seq_len=self.model.block_size,
+            kv_pairs=d.mqar_kv_pairs or max(1, self.model.block_size // 16),
+            power_a=d.mqar_power_a,
+            random_non_queries=d.mqar_random_non_queries,
+        )
 
     @property
     def pruning_score(self) -> str | None:
@@ -887,6 +939,28 @@ def _validate_ra(cfg: RunConfig) -> None:
         raise ConfigError(f"{flag}: {e}") from None
 
 
+def _validate_task(cfg: RunConfig) -> None:
+    """A synthetic task's parameters, and the task flags given for a text corpus."""
+    d, params = cfg.data, cfg.task_params
+    given = sorted(k for k in cfg.explicit if k.startswith(("task_", "mqar_")))
+    if params is None:
+        _check(not given, f"--{given[0].replace('_', '-') if given else ''} needs a synthetic --dataset")
+        vocab = cfg.model.vocab_size
+        _check(vocab is None or vocab >= 50257, f"--vocab-size {vocab}: GPT-2 text needs at least 50257")
+        return
+    mqar = sorted(k for k in given if k.startswith("mqar_"))
+    _check(
+        d.dataset == "mqar" or not mqar, f"--{mqar[0].replace('_', '-') if mqar else ''} needs --dataset mqar"
+    )
+    problem = TASKS[d.dataset].problem(params)
+    _check(problem is None, f"--dataset {d.dataset}: {problem}")
+    vocab = cfg.model.vocab_size
+    _check(
+        vocab is None or vocab >= params.vocab_size,
+        f"--vocab-size {vocab} is smaller than --task-vocab-size {params.vocab_size}",
+    )
+
+
 def validate(cfg: RunConfig) -> None:
     """Check every value and combination; cheap (no model, no data). Raises :class:`ConfigError`."""
     m, d, o, p, t, out = cfg.model, cfg.data, cfg.optim, cfg.pruning, cfg.train, cfg.output
@@ -902,6 +976,7 @@ def validate(cfg: RunConfig) -> None:
         cfg.gpt_config(VANILLA_STEP).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _validate_task(cfg)
     if d.dataset not in KNOWN_DATASETS:
         _check(
             Path(d.dataset).exists(),

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt2.data import synthetic
 from gpt2.data.prepare import DATASETS, DTYPE, SPLITS, prepare_command
+from gpt2.data.synthetic import TaskParams
 from gpt2.errors import UserError
 
 
@@ -40,6 +42,8 @@ class TokenBatches:
     one token. Each rank draws from its own stream seeded from ``(seed, rank)``. ``prefetch``
     (default: on CUDA) prepares the next training batch in a worker thread (module docstring).
     """
+
+    answers = False  # every target is scored (a synthetic task scores some positions only)
 
     def __init__(
         self,
@@ -111,17 +115,28 @@ class TokenBatches:
     def _windows(self, data: np.memmap, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # One vectorised gather (B, T+1) from the memmap; x and y are its two overlapping slices.
         tokens = torch.from_numpy(data[starts[:, None] + self._window].astype(np.int64))
-        x, y = tokens[:, :-1], tokens[:, 1:]
+        return self._to_device(tokens[:, :-1], tokens[:, 1:])
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._pin:
             return x.contiguous().to(self.device), y.contiguous().to(self.device)
         # Pinned (page-locked) host copies let the host-to-device copies run asynchronously.
         pinned = [torch.empty(x.shape, dtype=torch.int64, pin_memory=True).copy_(t) for t in (x, y)]
         return pinned[0].to(self.device, non_blocking=True), pinned[1].to(self.device, non_blocking=True)
 
+    def _population(self) -> int:
+        """How many distinct training draws there are (window starts)."""
+        return len(self._data["train"]) - self.block_size
+
     def _draw_starts(self) -> np.ndarray:
-        n = len(self._data["train"]) - self.block_size
-        starts = torch.randint(n, (self.batch_size,), generator=self._generator, dtype=torch.int64)
+        starts = torch.randint(self._population(), (self.batch_size,), generator=self._generator)
         return starts.numpy()
+
+    def _eval_starts(self, data: Any, count: int) -> np.ndarray:
+        """``count`` window starts spread evenly over a split; integer spacing floor(i * last / (count - 1))
+        leaves gaps >= block_size whenever ``count`` fits."""
+        last_start = len(data) - self.block_size - 1
+        return np.arange(count, dtype=np.int64) * last_start // max(count - 1, 1)
 
     def train_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of random training windows: x, y int64 (batch_size, block_size) on the device."""
@@ -183,10 +198,7 @@ class TokenBatches:
         count = num_batches * self.batch_size * self.world_size
         if count <= 0:
             return
-        last_start = len(data) - self.block_size - 1
-        # Integer spacing floor(i * last / (count - 1)): gaps >= block_size whenever count fits.
-        starts = np.arange(count, dtype=np.int64) * last_start // max(count - 1, 1)
-        mine = starts[self.rank :: self.world_size]
+        mine = self._eval_starts(data, count)[self.rank :: self.world_size]
         for i in range(num_batches):
             yield self._windows(data, mine[i::num_batches])
 
@@ -202,7 +214,7 @@ class TokenBatches:
             "rank": self.rank,
             "batch_size": self.batch_size,
             "block_size": self.block_size,
-            "format": "TokenBatches/1",
+            "format": f"{type(self).__name__}/1",
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,7 +230,53 @@ class TokenBatches:
             self._generator.set_state(state["generator"])
         else:
             self._generator.manual_seed(_rank_seed(self.seed, self.rank))
-            n = len(self._data["train"]) - self.block_size
+            n = self._population()
             for _ in range(int(state["batches_drawn"])):
                 torch.randint(n, (int(state["batch_size"]),), generator=self._generator, dtype=torch.int64)
         self._batches_drawn = int(state["batches_drawn"])
+
+
+class ExampleBatches(TokenBatches):
+    """Batches of whole examples of a synthetic task (:mod:`gpt2.data.synthetic`): ``x`` its inputs and
+    ``y`` its targets, -1 where nothing is asked. Training draws examples at random (with replacement)
+    from the loader's own generator, evaluation takes a fixed, evenly spread set; the stream, its
+    resume and the prefetching are :class:`TokenBatches`'."""
+
+    answers = True
+
+    def __init__(
+        self,
+        task: str,
+        params: TaskParams,
+        examples: dict[str, int],
+        task_seed: int,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: bool | None = None,
+    ) -> None:
+        self.task, self.params, self._counts, self._task_seed = task, params, examples, task_seed
+        super().__init__(
+            Path(task), params.seq_len, batch_size, device, seed, rank, world_size, prefetch=prefetch
+        )
+
+    def _open(self, split: str) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+        return synthetic.examples(self.task, self.params, split, self._counts[split], self._task_seed)
+
+    def _population(self) -> int:
+        return len(self._data["train"][0])
+
+    def _eval_starts(self, data: Any, count: int) -> np.ndarray:
+        # the split's first examples (they are independent draws), cycling when more are asked for
+        return np.arange(count, dtype=np.int64) % len(data[0])
+
+    def _windows(self, data: Any, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to_device(torch.from_numpy(data[0][starts]), torch.from_numpy(data[1][starts]))
+
+    def num_tokens(self, split: str) -> int:
+        return self._split(split)[0].size
+
+    def num_eval_windows(self, split: str) -> int:
+        return len(self._split(split)[0])

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpt2.runtime import autocast
@@ -28,36 +29,55 @@ def evaluate(
     before_batch: Callable[[], None] = lambda: None,
     splits: tuple[str, ...] = ("train", "val"),
 ) -> dict[str, float]:
-    """``{split}_loss`` and ``{split}_loss_se`` for ``splits``, and ``val_perplexity``.
+    """``{split}_loss`` and ``{split}_loss_se`` for ``splits``, and ``val_perplexity``; for data with
+    answer positions (a synthetic task, ``data.answers``) also ``{split}_accuracy`` and its standard error:
+    the share of answers whose most likely token is the target.
 
     ``samples`` batches per split per rank; the same windows every time, so successive
     evaluations are comparable. ``model`` is switched to eval mode and back; ``eval_model`` (the
     compiled one, where compiled) computes the losses. ``before_batch`` runs before each batch (the
-    trainer's stop check: it may raise to abandon the evaluation).
+    trainer's stop check: it may raise to abandon the evaluation). Standard errors are those of the
+    mean over batches (every batch holds the same number of answers).
     """
+    answers = getattr(data, "answers", False)
     model.eval()
     try:
         out: dict[str, float] = {}
         for split in splits:
-            losses = []
+            values = []
             for x, y in console.batches(data.eval_batches(split, samples), samples, f"eval {split}"):
                 before_batch()
                 with autocast(device, dtype):
-                    # a copy: under CUDA graphs the next replay reuses the output's memory
-                    losses.append(eval_model(x, y).float().clone())
-            t = torch.stack(losses)
-            # sum, sum of squares and count over every rank's share of the fixed windows
-            count = torch.tensor(float(len(losses)), device=t.device)
-            moments = distributed.all_reduce_mean(torch.stack([t.sum(), (t * t).sum(), count]), dist)
-            total, total_sq, n = (float(v) for v in moments * dist.world_size)
-            mean = total / n
-            var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
-            out[f"{split}_loss"] = mean
-            out[f"{split}_loss_se"] = math.sqrt(var / n)
+                    values.append(_answer_metrics(eval_model, x, y) if answers else eval_model(x, y).float())
+            # a copy: under CUDA graphs the next replay reuses the output's memory
+            per_batch = torch.stack(values).reshape(len(values), -1).clone()
+            names = ("loss", "accuracy") if answers else ("loss",)
+            for name, column in zip(names, per_batch.unbind(1), strict=True):
+                out[f"{split}_{name}"], out[f"{split}_{name}_se"] = _mean_and_se(column, dist)
     finally:
         model.train()
     out["val_perplexity"] = math.exp(min(out["val_loss"], 20.0))
     return out
+
+
+def _answer_metrics(eval_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[loss, accuracy] over the answer positions (target != -1) of one batch, from its logits."""
+    asked = y != -1
+    logits = eval_model(x)[asked].float()
+    target = y[asked]
+    loss = F.cross_entropy(logits, target)
+    return torch.stack([loss, (logits.argmax(dim=-1) == target).float().mean()])
+
+
+def _mean_and_se(values: torch.Tensor, dist: distributed.DistInfo) -> tuple[float, float]:
+    """Mean of per-batch ``values`` over every rank, and its standard error."""
+    # sum, sum of squares and count over every rank's share of the fixed windows
+    count = torch.tensor(float(len(values)), device=values.device)
+    moments = distributed.all_reduce_mean(torch.stack([values.sum(), (values * values).sum(), count]), dist)
+    total, total_sq, n = (float(v) for v in moments * dist.world_size)
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+    return mean, math.sqrt(var / n)
 
 
 COMPARE_FIRST_STEP = 16  # comparison evaluations at 16, 23, 32, 45, 64, 91, 128, ... steps (x sqrt 2)

@@ -246,22 +246,26 @@ class Trainer:
 
     # -------------------------------------------------------------- the run
     def _setup_data(self) -> None:
-        from gpt2.data.loader import TokenBatches
+        from gpt2.data.loader import ExampleBatches, TokenBatches
         from gpt2.data.prepare import ensure_prepared
 
         c = self.cfg
-        data_dir = ensure_prepared(
-            c.data.dataset, c.data.data_dir, block_size=self.gpt_config.block_size, progress=not c.train.quiet
+        where = dict(
+            device=self.device, seed=c.train.seed, rank=self.dist.rank, world_size=self.dist.world_size
         )
-        self.data = TokenBatches(
-            data_dir,
-            block_size=self.gpt_config.block_size,
-            batch_size=c.data.batch_size,
-            device=self.device,
-            seed=c.train.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
+        if c.task_params is not None:  # a synthetic task: generated, nothing to prepare
+            counts = {"train": c.data.task_train_examples, "val": c.data.task_val_examples}
+            self.data = ExampleBatches(
+                c.data.dataset, c.task_params, counts, c.data.task_seed, c.data.batch_size, **where
+            )
+        else:
+            data_dir = ensure_prepared(
+                c.data.dataset,
+                c.data.data_dir,
+                block_size=self.gpt_config.block_size,
+                progress=not c.train.quiet,
+            )
+            self.data = TokenBatches(data_dir, self.gpt_config.block_size, c.data.batch_size, **where)
         if c.train.num_epochs is not None:
             self.max_iters = max(
                 1, math.ceil(c.train.num_epochs * self.data.num_tokens("train") / self.tokens_per_step)
@@ -642,8 +646,10 @@ class Trainer:
             "compare_val_loss": ev["val_loss"],
             "compare_s": compare_s,
         }
+        if "val_accuracy" in ev:
+            record["compare_val_accuracy"] = ev["val_accuracy"]
         metrics.write(record)
-        trackers.log({"compare_val_loss": ev["val_loss"]}, step=st.step)
+        trackers.log({k: v for k, v in record.items() if k.startswith("compare_val")}, step=st.step)
 
     def _before_eval_batch(self) -> None:
         faults.point("eval_batch")
@@ -679,9 +685,14 @@ class Trainer:
         trackers.log(
             {f"eval/{k}" if k.startswith("train_") else k: v for k, v in record.items()}, step=st.step
         )
+        acc = (
+            f", accuracy {ev['val_accuracy']:.4f} ± {ev['val_accuracy_se']:.4f}"
+            if "val_accuracy" in ev
+            else ""
+        )
         self.say(
             f"eval step {st.step}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f} "
-            f"± {ev['val_loss_se']:.4f} (ppl {ev['val_perplexity']:.1f}, {eval_s:.1f} s)"
+            f"± {ev['val_loss_se']:.4f}{acc} (ppl {ev['val_perplexity']:.1f}, {eval_s:.1f} s)"
             f"{' *best*' if is_best else ''}"
         )
         if is_best and self.cfg.output.save_checkpoint and st.step > 0:
@@ -758,6 +769,7 @@ class Trainer:
             "final_val_loss_se": ev.get("val_loss_se", math.nan),
             "best_val_loss": st.best_val_loss,
             "final_val_perplexity": ev.get("val_perplexity", math.nan),
+            **{f"final_{k}": v for k, v in ev.items() if "accuracy" in k},
             "eval_step": ev.get("step", -1),
             "iters": st.step,
             "tokens_seen": tokens_seen,
