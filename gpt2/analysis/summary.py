@@ -62,17 +62,37 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         final_sparsity=r.get("final_sparsity"),
         results={k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)},
     )
-    compare = [
-        (m["tokens"], m["elapsed_s"], m["compare_val_loss"]) for m in metrics if "compare_val_loss" in m
-    ]
-    evals = [(m["tokens"], m["elapsed_s"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    # the comparison batches' curve where there is one (the same steps in every run), else the evaluations
-    row["curve"], row["curve_of"] = (compare, "comparison") if len(compare) > 1 else (evals, "evaluation")
+    # the comparison batches' curves where there are (the same steps in every run), else the evaluations'
+    compare = [m for m in metrics if "compare_val_loss" in m]
+    points, prefix = (
+        (compare, "compare_") if len(compare) > 1 else ([m for m in metrics if "val_loss" in m], "")
+    )
+    row["curve_of"] = "comparison" if prefix else "evaluation"
+    row["curves"] = {
+        metric: [(m["tokens"], m["elapsed_s"], m[prefix + metric]) for m in points if prefix + metric in m]
+        for metric in CURVE_METRICS
+    }
+    if "final_val_accuracy" in r:
+        row["final_val_accuracy"] = r["final_val_accuracy"]
     return row
 
 
+CURVE_METRICS = ("val_loss", "val_accuracy")  # compared at equal budgets where a run records them
+HIGHER_IS_BETTER = ("accuracy", "acc", "acc_norm")  # metric name endings; every other metric: lower
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger ``metric`` is the better result (accuracies), else a smaller one (losses)."""
+    return metric.endswith(HIGHER_IS_BETTER) or "_accuracy_at_" in metric
+
+
+def decide_metric(name: str) -> str:
+    """``--decide-on``'s name as a summary column: ``accuracy`` is the val accuracy at equal tokens."""
+    return {"accuracy": "val_accuracy_at_equal_tokens", "loss": DECIDE_DEFAULT}.get(name, name)
+
+
 def interpolate(curve: list[tuple[float, float, float]], axis: int, at: float) -> float | None:
-    """The val loss of an eval curve ``[(tokens, train seconds, loss)]`` at ``at`` on ``axis`` (0 or 1),
+    """The value of an eval curve ``[(tokens, train seconds, value)]`` at ``at`` on ``axis`` (0 or 1),
     linearly between the evaluations around it; None outside the curve."""
     pts = sorted((p[axis], p[2]) for p in curve)
     return interp([x for x, _ in pts], [y for _, y in pts], at)
@@ -86,22 +106,25 @@ EQUAL_TIME_SLACK = 0.02
 def _equal_budgets(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """The common token and training-time budget of the finished runs (the smallest run's), and
     each run's val loss there: arms compared at equal tokens and at equal training time."""
-    done = [r for r in rows if r["status"] == "done" and r.get("curve")]
+    done = [r for r in rows if r["status"] == "done" and r.get("curves", {}).get("val_loss")]
     if not done:
         return {"tokens": None, "train_time_s": None}
     budget: dict[str, Any] = {
-        "tokens": min(max(p[0] for p in r["curve"]) for r in done),
-        "train_time_s": min(max(p[1] for p in r["curve"]) for r in done),
+        "tokens": min(max(p[0] for p in r["curves"]["val_loss"]) for r in done),
+        "train_time_s": min(max(p[1] for p in r["curves"]["val_loss"]) for r in done),
         "curve_of": "comparison" if all(r.get("curve_of") == "comparison" for r in done) else "evaluation",
     }
     for r in done:
-        r["val_loss_at_equal_tokens"] = interpolate(r["curve"], 0, budget["tokens"])
-        at_time = interpolate(r["curve"], 1, budget["train_time_s"])
-        if at_time is None:  # time-budgeted arms all end at the budget, give or take a step
-            last = max(r["curve"], key=lambda p: p[1])
-            if last[1] <= budget["train_time_s"] * (1 + EQUAL_TIME_SLACK):
-                at_time = last[2]
-        r["val_loss_at_equal_time"] = at_time
+        for metric, curve in r["curves"].items():
+            if not curve:
+                continue
+            r[f"{metric}_at_equal_tokens"] = interpolate(curve, 0, budget["tokens"])
+            at_time = interpolate(curve, 1, budget["train_time_s"])
+            if at_time is None:  # time-budgeted arms all end at the budget, give or take a step
+                last = max(curve, key=lambda p: p[1])
+                if last[1] <= budget["train_time_s"] * (1 + EQUAL_TIME_SLACK):
+                    at_time = last[2]
+            r[f"{metric}_at_equal_time"] = at_time
     return budget
 
 
@@ -141,6 +164,7 @@ def summarize(
     it moved): at the 5% level with Holm's correction across arms, or by the sequential rule of
     :func:`.stats.sequential` when ``sequential`` (``max_seeds``, ``alpha``) is given. ``margin``:
     the smallest difference that matters (E), for "no difference larger than E"."""
+    decide_on = decide_metric(decide_on)
     rows = [_run_row(r) for r in runs]
     equal = _equal_budgets(rows)
     done = {(r["step"], r["seed"]): r for r in rows if r["status"] == "done"}
@@ -176,6 +200,9 @@ def summarize(
             "final_sparsity",
             "val_loss_at_equal_tokens",
             "val_loss_at_equal_time",
+            "final_val_accuracy",
+            "val_accuracy_at_equal_tokens",
+            "val_accuracy_at_equal_time",
             "delta_val_loss_vs_control",
             "delta_vs_control",
         ):
@@ -205,6 +232,7 @@ def summarize(
         "seeds": seeds,
         "control": control,
         "decide_on": decide_on,
+        "higher_is_better": higher_is_better(decide_on),
         "min_effect": margin,
         "method": stats.METHOD if sequential else "paired t-tests at 5%, Holm-Bonferroni across arms",
         "sequential": sequential,
@@ -310,12 +338,13 @@ def _p(v: float | None) -> str:
     return f"{v:.2g}" if v >= 1e-4 else "<1e-4"
 
 
-def _verdict_text(a: dict[str, Any]) -> str:
+def _verdict_text(a: dict[str, Any], higher_better: bool = False) -> str:
     verdict = a.get("verdict")
     if verdict in (None, "no test"):
         return "-"
     if verdict == "difference":
-        return "better" if (a.get("delta_vs_control") or 0) < 0 else "worse"
+        delta = a.get("delta_vs_control") or 0
+        return "better" if (delta > 0 if higher_better else delta < 0) else "worse"
     if verdict == "undecided" and a.get("ruled_out") is not None:
         return f"undecided (rules out > {a['ruled_out']:.3f})"
     return verdict
@@ -325,8 +354,9 @@ def _method_text(s: dict[str, Any]) -> str:
     """What the verdict column means, for the caption."""
     metric, control, m = s.get("decide_on", DECIDE_DEFAULT), s["control"], len(s["by_step"]) - 1
     text = (
-        f"The verdict is on {metric} (Δ = arm − {control} with the same seed, so lower is better for a "
-        f"loss): p from paired t-tests over seeds (scipy.stats), Holm-Bonferroni adjusted across the {m} "
+        f"The verdict is on {metric} (Δ = arm − {control} with the same seed; "
+        f"{'higher' if s.get('higher_is_better') else 'lower'} is better): p from paired t-tests over "
+        f"seeds (scipy.stats), Holm-Bonferroni adjusted across the {m} "
         "arm(s); 'better'/'worse': adjusted p within the level"
     )
     if s.get("min_effect") is not None:
@@ -354,25 +384,31 @@ def summary_markdown(s: dict[str, Any]) -> str:
     metric = s.get("decide_on", DECIDE_DEFAULT)
     several = len(s["seeds"]) > 1
     sparsity = any(a.get("final_sparsity") is not None for a in s["by_step"])
+    accuracy = any(a.get("final_val_accuracy") is not None for a in s["by_step"])
+    acc_cols = ("final_val_accuracy", "val_accuracy_at_equal_tokens") if accuracy else ()
     lines = [
         f"# Ablation summary ({s['model_name']}, dataset {s['dataset']})",
         "",
         f"| arm | {metric} | Δ vs {control} | 95% CI of Δ | p | p (Holm) | MDE (80%) | verdict | "
         "final val loss | val loss @ equal tokens | @ equal train time | "
+        + ("final val accuracy | accuracy @ equal tokens | " if accuracy else "")
         + ("sparsity | " if sparsity else "")
         + f"ms/step | vs {control} | tokens/s | tokens seen | train s | peak MiB | params | runs |",
         "|---|---|---|---|---|---|---|---|---|---|---|"
+        + "---|" * len(acc_cols)
         + ("---|" if sparsity else "")
         + "---|---|---|---|---|---|---|---|",
     ]
+    higher = s.get("higher_is_better", False)
     for a in s["by_step"]:
         lines.append(
             f"| {a['step']} | {_fmt(a['decide_value'], a['decide_value_std'])} | "
-            f"{_fmt(a['delta_vs_control'], a['delta_vs_control_std'])} | {_ci(a)} | "
-            f"{_p(a['p_value'])} | {_p(a['p_holm'])} | {_fmt(a['mde80'])} | {_verdict_text(a)} | "
+            f"{_fmt(a['delta_vs_control'], a['delta_vs_control_std'])} | {_ci(a)} | {_p(a['p_value'])} | "
+            f"{_p(a['p_holm'])} | {_fmt(a['mde80'])} | {_verdict_text(a, higher)} | "
             f"{_fmt(a['final_val_loss'], a['final_val_loss_std'])} | "
             f"{_fmt(a.get('val_loss_at_equal_tokens'), a.get('val_loss_at_equal_tokens_std'))} | "
             f"{_fmt(a.get('val_loss_at_equal_time'), a.get('val_loss_at_equal_time_std'))} | "
+            + "".join(f"{_fmt(a.get(k), a.get(f'{k}_std'))} | " for k in acc_cols)
             + (f"{_fmt(a.get('final_sparsity'), digits=4)} | " if sparsity else "")
             + f"{_fmt(a['ms_per_step'], digits=1)} | {_fmt(a['ms_per_step_vs_control'], digits=3)} | "
             f"{_fmt(a['tokens_per_s'], digits=0)} | {_fmt(a['tokens_seen'], digits=0)} | "
@@ -423,6 +459,9 @@ CSV_FIELDS = (
     "final_sparsity",
     "val_loss_at_equal_tokens",
     "val_loss_at_equal_time",
+    "final_val_accuracy",
+    "val_accuracy_at_equal_tokens",
+    "val_accuracy_at_equal_time",
     "tokens_per_s",
     "peak_memory_mib",
     "threads",

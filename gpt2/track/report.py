@@ -71,6 +71,7 @@ class Run:
                 (r["peak_memory_bytes"] for r in self.train if r.get("peak_memory_bytes")), default=None
             ),
             "final_sparsity": lambda: last_eval.get("sparsity"),
+            "final_val_accuracy": lambda: last_eval.get("val_accuracy"),
         }
         return derived[key]() if key in derived else None
 
@@ -225,10 +226,13 @@ def fmt_duration(s: Any) -> str:
 def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """The comparison table: header and one row of formatted cells per run."""
     with_sparsity = any(r.final("final_sparsity") is not None for r in runs)
+    with_accuracy = any(r.final("final_val_accuracy") is not None for r in runs)
     header = [
         "run", "final val loss", "best val loss", "val ppl", "iters", "tokens seen",
         "tokens/s", "wall time", "peak memory", "params",
     ]  # fmt: skip
+    if with_accuracy:
+        header.insert(2, "final val accuracy")
     if with_sparsity:
         header.append("final sparsity")
     header += ["stop", "differs"]
@@ -251,6 +255,9 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             fmt_bytes(run.final("peak_memory_bytes")),
             fmt_params(run.final("n_params")),
         ]
+        if with_accuracy:
+            acc = run.final("final_val_accuracy")
+            row.insert(2, f"{acc:.4f}" if _num(acc) else "–")
         if with_sparsity:
             s = run.final("final_sparsity")
             row.append(f"{s:.1%}" if _num(s) else "–")
@@ -315,11 +322,8 @@ def draw_plots(runs: list[Run], out: Path) -> list[tuple[str, Path]]:
     The validation panels draw the comparison evaluations where a run has too few regular ones for a
     curve (a time-budgeted run whose evaluation budget left only the final one)."""
     few = any(len(r.evals) < 2 for r in runs) and all(len(r.compares) > 1 for r in runs)
-    val = (
-        ("compares", "compare_val_loss", "validation loss (comparison batches)")
-        if few
-        else ("evals", "val_loss", "validation loss")
-    )
+    src, prefix, batches = ("compares", "compare_", " (comparison batches)") if few else ("evals", "", "")
+    val = (src, f"{prefix}val_loss", f"validation loss{batches}")
     specs: list[tuple[str, str, list[tuple[str, str, str, str]]]] = [
         ("Loss against tokens", "loss_vs_tokens.png",
          [("train", "tokens", "train_loss", "train loss (training batches)"),
@@ -327,6 +331,9 @@ def draw_plots(runs: list[Run], out: Path) -> list[tuple[str, Path]]:
         ("Loss against training time", "loss_vs_time.png",
          [("train", "elapsed_s", "train_loss", "train loss (training batches)"),
           (val[0], "elapsed_s", val[1], val[2])]),
+        ("Accuracy on the answer positions", "accuracy.png",
+         [(src, "tokens", f"{prefix}val_accuracy", f"validation accuracy{batches} against tokens"),
+          (src, "elapsed_s", f"{prefix}val_accuracy", f"validation accuracy{batches} vs training time")]),
         ("Learning rate", "lr.png", [("train", "step", "lr", "learning rate")]),
         ("Throughput", "throughput.png",
          [("train", "step", "tokens_per_s", "tokens/s (training, between log steps)")]),
@@ -408,15 +415,16 @@ def interp(xs: Sequence[float], ys: Sequence[float], at: float) -> float | None:
     return None
 
 
-def draw_arm_bands(arms: dict[str, list[Run]], out: Path) -> list[tuple[str, Path]]:
-    """Per arm, the validation loss over seeds (mean line, min-max band) against tokens and training
-    time: on the comparison batches where every run has such a curve (every budget then has points
-    at the same steps), else from the regular evaluations."""
-    if not any(len(rs) > 0 for rs in arms.values()):
-        return []
+def draw_arm_bands(arms: dict[str, list[Run]], out: Path, metric: str = "val_loss") -> list[tuple[str, Path]]:
+    """Per arm, ``metric`` (``val_loss``, ``val_accuracy``) over seeds (mean line, min-max band) against
+    tokens and training time: on the comparison batches where every run has such a curve (every
+    budget then has points at the same steps), else from the regular evaluations."""
     runs = [r for rs in arms.values() for r in rs]
-    compared = all(len(r.compares) > 1 for r in runs)
-    kind, key = ("compares", "compare_val_loss") if compared else ("evals", "val_loss")
+    compared = bool(runs) and all(len(r.compares) > 1 for r in runs)
+    kind, key = ("compares", f"compare_{metric}") if compared else ("evals", metric)
+    if not any(_series(getattr(r, kind), "tokens", key)[0] for r in runs):
+        return []
+    what = metric.replace("val_", "validation ")
     fig = _figure(2)
     for ax, x, label in zip(fig.axes, ("tokens", "elapsed_s"), ("tokens", "training time (s)")):
         for i, (name, rs) in enumerate(arms.items()):
@@ -448,14 +456,14 @@ def draw_arm_bands(arms: dict[str, list[Run]], out: Path) -> list[tuple[str, Pat
                 gx, [min(c) for _, c in keep], [max(c) for _, c in keep], color=f"C{i % 10}", alpha=0.2
             )
         where = " on the comparison batches" if compared else ""
-        ax.set_title(f"validation loss{where} per arm (mean, min-max over seeds)", fontsize="medium")
+        ax.set_title(f"{what}{where} per arm (mean, min-max over seeds)", fontsize="medium")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
         if ax.get_lines() or ax.containers:
             ax.legend(fontsize="small")
-    path = out / "arms_val_loss.png"
+    path = out / f"arms_{metric}.png"
     fig.savefig(path, dpi=100)
-    return [("Validation loss per arm against tokens and training time", path)]
+    return [(f"{what.capitalize()} per arm against tokens and training time", path)]
 
 
 def answer_html(markdown: str) -> str:
@@ -505,7 +513,7 @@ def write_report(
                 a: [by_dir[Path(d).resolve()] for d in ds if Path(d).resolve() in by_dir]
                 for a, ds in arms.items()
             }
-            plots = draw_arm_bands(grouped, out) + plots
+            plots = draw_arm_bands(grouped, out) + draw_arm_bands(grouped, out, "val_accuracy") + plots
     except ImportError:
         print(
             "warning: matplotlib is not installed; the report has no plots (pip install matplotlib)",
