@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -546,6 +547,18 @@ def prepare_command(dataset: str, data_dir: str | Path) -> str:
     if Path(data_dir) != Path(DEFAULT_DATA_DIR):
         cmd += f" --data-dir {data_dir}"
     return cmd
+
+
+def more_data_hint(dataset: str, data_dir: str | Path, train_tokens: int) -> str:
+    """How to prepare a corpus with at least ``train_tokens`` training tokens, or "" where no more can be
+    had (a bundled or local corpus is whole already)."""
+    spec = DATASETS.get(dataset)
+    if spec is None or not spec.web:
+        return ""
+    meta = read_meta(dataset_dir(dataset, data_dir)) or {}
+    val_fraction = float(meta.get("val_fraction", 0.1))
+    total = math.ceil(train_tokens / (1 - val_fraction))
+    return f"{prepare_command(dataset, data_dir)} --max-tokens {total} --force"
 
 
 def ensure_prepared(dataset: str, data_dir: str | Path, *, block_size: int, progress: bool = True) -> Path:

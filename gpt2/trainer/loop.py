@@ -129,6 +129,7 @@ class Trainer:
         self._saved_step = -1  # the step checkpoint_last.pt holds, where this process knows it
         self._segment_start = 0  # the step this process started training from
         self._eval_budget_said = False
+        self._passes_said = False  # the data passes of a time-budgeted run were stated
         self._evals_done = 0  # evaluations this process ran (the first compiles, under --compile)
         self._fit_start, self._wall_base = time.perf_counter(), 0.0
         self.tokens_per_s = 0.0  # throughput of the latest log window
@@ -507,6 +508,12 @@ class Trainer:
         loss_sum = float(distributed.all_reduce_mean(window.loss, self.dist))
         train_loss = loss_sum / good if good else math.nan
         self.tokens_per_s = window.steps * self.tokens_per_step / window.seconds
+        if not self._passes_said and self.cfg.train.max_time > 0:
+            self._passes_said = True
+            left = max(0.0, self.cfg.train.max_time - elapsed)
+            self._say_data_passes(
+                min(self.max_iters, self.step + int(left * window.steps / window.seconds)), True
+            )
         record = {
             "step": self.step,
             "tokens": self.step * self.tokens_per_step,
@@ -699,6 +706,29 @@ class Trainer:
             self.save(last=False, best=True)
         return st.last_eval
 
+    def _say_data_passes(self, steps: int, estimated: bool = False) -> None:
+        """How many times the run will see its training data (for a time budget, from the steps
+        the budget fits at the measured step time); a warning above one pass, with the fix."""
+        c = self.cfg
+        seen, have = steps * self.tokens_per_step, self.data.num_tokens("train")
+        passes = seen / have
+        what = (
+            f"{steps:,} steps{' (estimated from the step time)' if estimated else ''} x "
+            f"{self.tokens_per_step:,} tokens = {seen:,} of {have:,} training tokens: {passes:.2f} passes"
+        )
+        if passes <= 1:
+            self.say(f"data: {what}")
+            return
+        if c.task_params is not None:
+            examples = math.ceil(passes * c.data.task_train_examples)
+            fix = f"; for unseen examples only, give --task-train-examples {examples}"
+        else:
+            from gpt2.data.prepare import more_data_hint
+
+            hint = more_data_hint(c.data.dataset, c.data.data_dir, seen)
+            fix = f"; to see every token once, prepare more: {hint}" if hint else ""
+        self.warn(f"the run will see its training data {passes:.1f} times ({what}){fix}")
+
     # ------------------------------------------------------------ the end
     def _announce(self) -> None:
         c = self.cfg
@@ -709,6 +739,8 @@ class Trainer:
             f"{c.data.gradient_accumulation}{ranks} x block {self.gpt_config.block_size}); "
             f"train {self.data.num_tokens('train'):,} / val {self.data.num_tokens('val'):,} tokens"
         )
+        if c.train.max_time <= 0:  # (a time budget's steps are known after the first log window)
+            self._say_data_passes(self.max_iters)
 
     def _finish(self, metrics: Any, trackers: Trackers, stop_reason: str, start: float) -> dict[str, Any]:
         """Final evaluation and checkpoint, results.json, the closing line."""
