@@ -588,6 +588,8 @@ class RunConfig:
             dropout=m.dropout,
             bias=m.bias,
         )
+        if self.task_params is not None:
+            shapes = replace(shapes, sparse_targets=True)
         built = apply_step(shapes, step or m.ra_step or VANILLA_STEP)
         if built.attention == "unified_ra":  # gate layout only exists where there are RA gates
             built = replace(built, ra_per_head_gates=m.ra_gates == "per-head")

@@ -17,6 +17,9 @@ class GPTConfig:
 
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for fast matmuls
+    # Few positions have a target (synthetic probe tasks): the CPU loss runs the LM head on those rows
+    # only. Exact either way; off for text, where finding them would cost a host read per step.
+    sparse_targets: bool = False
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768

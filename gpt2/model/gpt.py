@@ -100,7 +100,8 @@ class GPT(nn.Module):
         h = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h)
-        return lm_loss(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        flat = h.reshape(-1, h.size(-1))
+        return lm_loss(flat, self.lm_head.weight, targets.reshape(-1), self.config.sparse_targets)
 
     @torch.no_grad()
     def generate(

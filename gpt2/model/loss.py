@@ -113,12 +113,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None
 
 
-def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_loss(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, sparse: bool = False
+) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets`` (-1 = ignore).
 
     ``h`` (N, C), ``weight`` (V, C), ``targets`` (N,). Chunked on CPU (in fp32, or with bf16
     matmuls under bf16 autocast); the plain fused kernel elsewhere (on CUDA the compiler and the
-    caching allocator handle the logits well).
+    caching allocator handle the logits well). ``sparse``: most targets are -1; on CPU the
+    head then runs on the other rows only.
     """
     if h.device.type == "cpu" and weight.dtype == torch.float32:
         compute = torch.float32
@@ -128,6 +131,12 @@ def lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tor
         # the compiler gets the plain form there (the fp32 form traces as one graph).
         traceable = compute is torch.float32 or not torch.compiler.is_compiling()
         if compute in (torch.float32, torch.bfloat16) and traceable:
+            if sparse and not torch.compiler.is_compiling():
+                # The head runs on the scored rows only (MQAR: 4 of 64); the others' gradient is
+                # zero either way, so this is exact.
+                asked = targets != -1
+                if 0 < int(asked.sum()) < len(targets):
+                    h, targets = h[asked], targets[asked]
             rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
             # Gradients are computed in the forward pass, so only when backward can follow: not
             # under no_grad (evaluation), where forward alone is a fraction of the cost.

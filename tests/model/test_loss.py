@@ -10,8 +10,9 @@ from gpt2.model import loss as lm
 from tests.conftest import OpNames
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
-def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, monkeypatch) -> None:
+def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, sparse, monkeypatch) -> None:
     monkeypatch.setattr(lm, "CHUNK_BYTES", chunk_rows * 4 * 97)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(50, 16, generator=g, dtype=torch.float32, requires_grad=True)
@@ -19,7 +20,7 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, monkey
     t = torch.randint(0, 97, (50,), generator=g)
     t[[3, 17, 40]] = -1  # ignored positions
 
-    loss = lm.lm_loss(h, w, t)
+    loss = lm.lm_loss(h, w, t, sparse)
     (2.5 * loss).backward()  # a non-unit upstream gradient must scale both gradients
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
@@ -29,6 +30,26 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_rows, monkey
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gh, h.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-6)
+
+
+class _MatmulRows(OpNames):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith("mm."):
+            self.names.append(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_sparse_targets_run_the_head_on_the_scored_rows_only() -> None:
+    h = torch.randn(64, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    t = torch.full((64,), -1)
+    t[[9, 30, 41, 60]] = torch.tensor([1, 2, 3, 4])
+    with _MatmulRows() as rows:
+        loss = lm.lm_loss(h, w, t, sparse=True)
+    assert rows.names and max(rows.names) <= 50, rows.names  # (the weight gradient's mm has 50 rows)
+    assert 4 in rows.names and 64 not in rows.names
+    loss.backward()
+    assert h.grad[t == -1].abs().max() == 0  # the unscored rows still get their (zero) gradient
 
 
 def test_no_gradient_work_under_no_grad() -> None:
