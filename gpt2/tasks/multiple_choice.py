@@ -270,17 +270,18 @@ def score(
     batch_size: int = 32,
     items: Sequence[int] | torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    min_batches: int = 0,
 ) -> Scores:
     """Score ``items`` (default: all; a rank's shard: ``range(rank, len(task), world_size)``).
 
     ``logits_fn`` maps (B, T) int64 ids on ``device`` to (B, T, V) logits (the model in eval mode;
     any dtype: the log-softmax runs in float32 on the continuation positions alone). Requests longer
     than ``block_size`` + 1 lose tokens on the left, as lm-eval's; requests run longest first,
-    ``batch_size`` at a time, padded on the right, which a causal model never sees.
+    ``batch_size`` at a time, padded on the right, which a causal model never sees. Under FSDP every
+    rank must call the model as often: pass the largest :func:`batch_count` of all ranks as
+    ``min_batches``, and the ranks with fewer batches make up the difference with 1-token calls.
     """
-    sel = torch.arange(len(task)) if items is None else torch.as_tensor(items, dtype=torch.long).reshape(-1)
-    if sel.numel() and (sel.min() < 0 or sel.max() >= len(task)):
-        raise IndexError(f"item indices must lie in [0, {len(task)})")
+    sel = _selection(task, items)
     per_item = task.first[sel + 1] - task.first[sel]
     req = torch.repeat_interleave(task.first[sel], per_item) + _ranks_within(per_item)
     row = torch.repeat_interleave(torch.arange(sel.numel()), per_item)  # each request's row in the result
@@ -303,7 +304,22 @@ def score(
         ll[b.to(device)] = _continuation_logprob(
             logits_fn, idx.to(device), task, ends[b], inplen[b], cont[b], device
         )
+    for _ in range(math.ceil(len(order) / batch_size), min_batches):
+        logits_fn(torch.zeros(1, 1, dtype=torch.long, device=device))
     return _results(task, sel, row, col, ll.double(), device)
+
+
+def batch_count(task: EncodedTask, batch_size: int, items: Sequence[int] | torch.Tensor | None = None) -> int:
+    """How many times :func:`score` calls the model for these items (the same arguments)."""
+    sel = _selection(task, items)
+    return math.ceil(int((task.first[sel + 1] - task.first[sel]).sum()) / batch_size)
+
+
+def _selection(task: EncodedTask, items: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    sel = torch.arange(len(task)) if items is None else torch.as_tensor(items, dtype=torch.long).reshape(-1)
+    if sel.numel() and (sel.min() < 0 or sel.max() >= len(task)):
+        raise IndexError(f"item indices must lie in [0, {len(task)})")
+    return sel
 
 
 def _ranks_within(counts: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from gpt2.errors import UserError
 from gpt2.tasks.multiple_choice import (
     EncodedTask,
     Item,
+    batch_count,
     encode_request,
     encode_task,
     hellaswag_preprocess,
@@ -281,6 +282,26 @@ def test_long_requests_lose_tokens_on_the_left_as_lm_evals(tmp_path) -> None:
     assert torch.equal(again.correct, s.correct[[5, 0, 47]])
     assert torch.equal(again.correct_norm, s.correct_norm[[5, 0, 47]])
     assert score(uniform, task, block_size=block, items=[]).loglik.shape == (0, 4)
+
+
+def test_every_rank_can_call_the_model_as_often() -> None:
+    """FSDP's forward is collective: a rank with fewer batches makes up the difference."""
+    task = load_task(TINY_MC)
+    calls: list[tuple[int, ...]] = []
+
+    def counting(idx: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(idx.shape))
+        return uniform(idx)
+
+    shards = [range(rank, len(task), 5) for rank in range(5)]  # 10, 10, 10, 9, 9 items
+    counts = [batch_count(task, 8, shard) for shard in shards]
+    assert counts == [5, 5, 5, 5, 5] and batch_count(task, 7, shards[3]) == 6
+    assert batch_count(task, 7, shards[0]) == 6 and batch_count(task, 8) == len(task) * 4 // 8
+    s = score(counting, task, block_size=32, batch_size=7, items=shards[3], min_batches=6)
+    assert len(calls) == 6 and s.items.tolist() == list(shards[3])
+    calls.clear()
+    score(counting, task, block_size=32, batch_size=7, items=shards[3], min_batches=7)
+    assert len(calls) == 7 and calls[-1] == (1, 1)
 
 
 def test_a_choice_longer_than_the_block_is_refused() -> None:
