@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,6 +88,54 @@ def _offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@dataclass(frozen=True)
+class LmEvalRun:
+    """A tiny trained checkpoint, its transformers export, and lm-eval's run on evals/tiny_mc."""
+
+    checkpoint: Path
+    hf_dir: Path
+    stdout: str
+    results: dict  # lm-eval's results.json "results" entry of the task
+    samples: list[dict]  # lm-eval's logged samples, in doc_id order
+
+
+@pytest.fixture(scope="session")
+def lm_eval_tiny_mc(corpus_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LmEvalRun:
+    """Train 4 steps, export, run lm-eval (offline, samples logged) on evals/tiny_mc: once per session,
+    as lm-eval's start-up is the slow part and several tests read the same run."""
+    pytest.importorskip("lm_eval")
+    from gpt2.config import resolve
+    from gpt2.export import export
+    from gpt2.trainer import checkpoint
+    from gpt2.trainer.run import train_once
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    flags = tiny_run_flags(
+        corpus_dir, data_dir, root / "out", max_iters=4, save_checkpoint=True, checkpoint_interval=4
+    )
+    train_once(resolve(flags))
+    ckpt, hf = root / "out" / checkpoint.LAST, root / "hf"
+    export(ckpt, hf)
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={hf}",
+        "--include_path", "evals/tiny_mc", "--tasks", "gpt2_tiny_mc", "--device", "cpu", "--batch_size", "4",
+        "--log_samples", "--output_path", str(root / "lm_eval"),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(root / "ds"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (root / "lm_eval").rglob("results_*.json")
+    (samples_file,) = (root / "lm_eval").rglob("samples_gpt2_tiny_mc_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    return LmEvalRun(
+        checkpoint=ckpt,
+        hf_dir=hf,
+        stdout=proc.stdout,
+        results=json.loads(results_file.read_text())["results"]["gpt2_tiny_mc"],
+        samples=sorted(samples, key=lambda s: s["doc_id"]),
+    )
 
 
 _NEGATABLE = {"bias", "decay_lr", "ddp_find_unused_params"}
