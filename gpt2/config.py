@@ -454,6 +454,15 @@ class TrainSection:
         "one always runs; 0: no limit)",
         rule=FRACTION,
     )
+    eval_task: str | None = opt(
+        None,
+        "a multiple-choice task scored at every evaluation (on rank 0's model, counted as evaluation "
+        "time): a .jsonl in HellaSwag's layout (ctx/endings/label) or evals/tiny_mc's "
+        "(question/choices/answer), or a folder of them; accuracy by summed log-likelihood (acc) and "
+        "per character (acc_norm), as lm-eval computes them; repeat the flag for more tasks",
+        metavar="FILE_OR_DIR",
+        repeat=True,
+    )
     compare_batches: int = opt(
         4,
         "validation batches of the comparison evaluations: at steps 16, 23, 32, 45, 64, ... (x sqrt 2) and "
@@ -612,6 +621,11 @@ class RunConfig:
             known = {f.name for f in fields(section)}
             kwargs[name] = section(**{k: v for k, v in d.get(name, {}).items() if k in known})
         return cls(**kwargs, explicit=tuple(d.get("explicit", ())))
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        """The --eval-task paths, in the order given."""
+        return [t.strip() for t in (self.train.eval_task or "").split(";") if t.strip()]
 
     @property
     def task_params(self) -> TaskParams | None:
@@ -979,6 +993,12 @@ def validate(cfg: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _validate_task(cfg)
+    for task in cfg.eval_tasks:
+        _check(Path(task).exists(), f"--eval-task {task}: no such file or folder")
+    _check(
+        not (cfg.eval_tasks and cfg.task_params),
+        "--eval-task scores GPT-2 text; a synthetic --dataset has its own accuracy",
+    )
     if d.dataset not in KNOWN_DATASETS:
         _check(
             Path(d.dataset).exists(),

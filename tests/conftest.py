@@ -99,6 +99,7 @@ class LmEvalRun:
     stdout: str
     results: dict  # lm-eval's results.json "results" entry of the task
     samples: list[dict]  # lm-eval's logged samples, in doc_id order
+    run_results: dict  # the training run's results.json (it scored evals/tiny_mc in the loop)
 
 
 @pytest.fixture(scope="session")
@@ -113,9 +114,10 @@ def lm_eval_tiny_mc(corpus_dir: Path, data_dir: Path, tmp_path_factory: pytest.T
 
     root = tmp_path_factory.mktemp("lm_eval")
     flags = tiny_run_flags(
-        corpus_dir, data_dir, root / "out", max_iters=4, save_checkpoint=True, checkpoint_interval=4
-    )
-    train_once(resolve(flags))
+        corpus_dir, data_dir, root / "out", max_iters=4, save_checkpoint=True, checkpoint_interval=4,
+        eval_task=str(REPO / "evals" / "tiny_mc"),
+    )  # fmt: skip
+    run_results = train_once(resolve(flags))
     ckpt, hf = root / "out" / checkpoint.LAST, root / "hf"
     export(ckpt, hf)
     cmd = [
@@ -135,6 +137,7 @@ def lm_eval_tiny_mc(corpus_dir: Path, data_dir: Path, tmp_path_factory: pytest.T
         stdout=proc.stdout,
         results=json.loads(results_file.read_text())["results"]["gpt2_tiny_mc"],
         samples=sorted(samples, key=lambda s: s["doc_id"]),
+        run_results=run_results,
     )
 
 

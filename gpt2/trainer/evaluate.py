@@ -80,6 +80,52 @@ def _mean_and_se(values: torch.Tensor, dist: distributed.DistInfo) -> tuple[floa
     return mean, math.sqrt(var / n)
 
 
+MC_BATCH = 32  # multiple-choice requests per forward pass (their logits are (32, length, vocab))
+
+
+@torch.no_grad()
+def multiple_choice(
+    model: nn.Module,
+    tasks: list[Any],
+    *,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    dist: distributed.DistInfo,
+    before_batch: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """lm-eval's ``acc`` and ``acc_norm`` (with standard errors) of each multiple-choice task, as
+    ``mc_<task>_acc``, ...: every rank scores every world_size-th item and the counts are summed;
+    every rank calls the model equally often (FSDP's collectives need it)."""
+    from gpt2.tasks.multiple_choice import batch_count, metrics_from_counts, score
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        before_batch()
+        with autocast(device, dtype):
+            return model(idx)
+
+    out: dict[str, float] = {}
+    model.eval()
+    try:
+        for task in tasks:
+            mine = list(range(dist.rank, len(task), dist.world_size))
+            calls = distributed.max_over_ranks([batch_count(task, MC_BATCH, mine)], dist, device)[0]
+            s = score(logits, task, block_size, MC_BATCH, mine, device, min_batches=int(calls))
+            counts = torch.tensor([float(len(mine)), float(s.correct.sum()), float(s.correct_norm.sum())])
+            n, right, right_norm = (
+                float(v) for v in distributed.all_reduce_mean(counts.to(device), dist) * dist.world_size
+            )
+            out.update(
+                {
+                    f"mc_{task.name}_{k}": v
+                    for k, v in metrics_from_counts(round(n), right, right_norm).items()
+                }
+            )
+    finally:
+        model.train()
+    return out
+
+
 COMPARE_FIRST_STEP = 16  # comparison evaluations at 16, 23, 32, 45, 64, 91, 128, ... steps (x sqrt 2)
 
 

@@ -40,7 +40,7 @@ from gpt2.track.perf import mfu
 from gpt2.track.trackers import Trackers, default_project, default_run_name
 from gpt2.track.window import LogWindow
 from gpt2.trainer import checkpoint, distributed
-from gpt2.trainer.evaluate import evaluate, is_compare_step
+from gpt2.trainer.evaluate import evaluate, is_compare_step, multiple_choice
 from gpt2.trainer.extension import Extension, Extensions
 from gpt2.trainer.signals import STOP, Stopped, StopRequest, catch_stop_signals
 from gpt2.trainer.state import TrainClock, TrainState
@@ -121,6 +121,7 @@ class Trainer:
         self.state = TrainState()
         self.max_iters = cfg.train.max_iters
         self.data: Any = None
+        self.mc_tasks: list[Any] = []  # --eval-task's, encoded once (gpt2.tasks.multiple_choice)
         self.clock = TrainClock(0.0)
         self._compiled = False  # the compiled model has run a training step in this process
         self._agreed_fraction = 0.0  # torchrun: the budget fraction the ranks last agreed on
@@ -267,6 +268,9 @@ class Trainer:
                 progress=not c.train.quiet,
             )
             self.data = TokenBatches(data_dir, self.gpt_config.block_size, c.data.batch_size, **where)
+        from gpt2.tasks.multiple_choice import load_task
+
+        self.mc_tasks = [load_task(path) for path in c.eval_tasks]
         if c.train.num_epochs is not None:
             self.max_iters = max(
                 1, math.ceil(c.train.num_epochs * self.data.num_tokens("train") / self.tokens_per_step)
@@ -593,6 +597,14 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Losses on fixed windows of both splits and extension metrics."""
         ev = self._losses(self.cfg.train.eval_samples)
+        if self.mc_tasks:
+            with contextlib.nullcontext() if self.dist.enabled else STOP.cancellable():
+                ev.update(
+                    multiple_choice(
+                        self.model, self.mc_tasks, block_size=self.gpt_config.block_size, device=self.device,
+                        dtype=self.dtype, dist=self.dist, before_batch=self._before_eval_batch,
+                    )
+                )  # fmt: skip
         for ext in self.extensions:
             ev.update(ext.eval_metrics(self.model))
         return ev
@@ -697,6 +709,8 @@ class Trainer:
             if "val_accuracy" in ev
             else ""
         )
+        for task in self.mc_tasks:
+            acc += f", {task.name} acc_norm {ev[f'mc_{task.name}_acc_norm']:.3f}"
         self.say(
             f"eval step {st.step}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f} "
             f"± {ev['val_loss_se']:.4f}{acc} (ppl {ev['val_perplexity']:.1f}, {eval_s:.1f} s)"
@@ -801,7 +815,7 @@ class Trainer:
             "final_val_loss_se": ev.get("val_loss_se", math.nan),
             "best_val_loss": st.best_val_loss,
             "final_val_perplexity": ev.get("val_perplexity", math.nan),
-            **{f"final_{k}": v for k, v in ev.items() if "accuracy" in k},
+            **{f"final_{k}": v for k, v in ev.items() if "accuracy" in k or k.startswith("mc_")},
             "eval_step": ev.get("step", -1),
             "iters": st.step,
             "tokens_seen": tokens_seen,

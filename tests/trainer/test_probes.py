@@ -12,6 +12,8 @@ from torch import nn
 
 from gpt2.analysis.summary import summarize, summary_markdown
 from gpt2.config import resolve
+from gpt2.data.prepare import more_data_hint
+from gpt2.errors import ConfigError
 from gpt2.track.console import Console
 from gpt2.track.metrics import read_metrics
 from gpt2.trainer.distributed import DistInfo
@@ -122,3 +124,17 @@ def test_a_higher_accuracy_is_the_better_verdict(tmp_path) -> None:
     assert arm["verdict"] == "difference"
     table = summary_markdown(s)
     assert "| better |" in table and "final val accuracy" in table and "higher is better" in table
+
+
+def test_eval_task_paths_are_checked_up_front(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        resolve(dict(model_name="tiny", eval_task=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(ConfigError, match="synthetic --dataset has its own accuracy"):
+        resolve(dict(model_name="tiny", dataset="mqar", eval_task="evals/tiny_mc"))
+
+
+def test_a_web_corpus_too_small_for_the_run_names_the_exact_preparation() -> None:
+    """The seed's vanilla command trains 10,000 x 64 x 1,024 tokens: 655M, against a 100M default."""
+    hint = more_data_hint("finewebedu", "./gpt2/data", 10_000 * 64 * 1024)
+    assert hint == "python gpt2/prepare_data.py --dataset finewebedu --max-tokens 728177778 --force"
+    assert more_data_hint("shakespeare", "./gpt2/data", 10**9) == ""  # nothing more to prepare
