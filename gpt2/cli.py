@@ -112,11 +112,11 @@ def parse(argv: list[str] | None = None, prog: str = "train.py") -> RunConfig:
 
 
 def main_guard(fn: Any, *args: Any) -> int:
-    """Run ``fn`` with SIGTERM/SIGINT handled (see :mod:`gpt2.trainer.signals`); a
+    """Run ``fn`` with SIGTERM/SIGINT handled (see :mod:`gpt2.signals`); a
     :class:`~gpt2.errors.UserError` becomes one line on stderr and its exit code, a stop signal
     that ended the command before training (or after it) one line and exit status 0."""
+    from gpt2 import signals
     from gpt2.errors import UserError
-    from gpt2.trainer import signals
 
     with signals.installed():
         try:

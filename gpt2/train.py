@@ -29,8 +29,8 @@ def run(cfg: RunConfig) -> int:
 
         print(format_experiments())
         return 0
+    from gpt2.signals import Stopped
     from gpt2.trainer import distributed
-    from gpt2.trainer.signals import Stopped
 
     failed = True
     try:

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from gpt2 import bench
+from gpt2.bench import cases, cli, report, runner, workers
 from tests.conftest import REPO
 
 
 def test_set_values_parse_as_json_or_string() -> None:
-    assert bench._parse_value("3") == 3
-    assert bench._parse_value("true") is True
-    assert bench._parse_value("") is True
-    assert bench._parse_value("bfloat16") == "bfloat16"
+    assert cli.parse_value("3") == 3
+    assert cli.parse_value("true") is True
+    assert cli.parse_value("") is True
+    assert cli.parse_value("bfloat16") == "bfloat16"
 
 
 def test_bench_writes_one_row_per_case_with_its_dtype_and_profiles(tmp_path) -> None:
@@ -57,6 +58,13 @@ def test_case_groups_name_known_cases() -> None:
     assert set(bench.ANCHORS) == set(bench.PRESETS)
 
 
+def test_every_case_is_one_row_with_a_known_measurement() -> None:
+    assert all(name == case.name for name, case in bench.CASES.items())
+    assert {case.measure for case in bench.CASES.values()} <= set(workers.MEASURES)
+    with pytest.raises(ValueError, match="named twice"):
+        cases._by_name(cases.Case("a", "one"), cases.Case("a", "again"))
+
+
 @pytest.mark.parametrize("case", ["nope", "vanilla:float8", ","])
 def test_unknown_case_is_a_usage_error(case, capsys) -> None:
     with pytest.raises(SystemExit) as e:
@@ -68,7 +76,7 @@ def test_unknown_case_is_a_usage_error(case, capsys) -> None:
 def test_a_case_this_machine_cannot_run_is_a_row_saying_why() -> None:
     if torch.cuda.is_available():
         pytest.skip("cuDNN attention runs here")
-    row = bench._worker("tiny", "vanilla-cudnn", steps=1, warmup=0, device="cpu", extra={})
+    row = workers.run_worker("tiny", "vanilla-cudnn", steps=1, warmup=0, device="cpu", extra={})
     assert row == {
         "case": "vanilla-cudnn",
         "skipped": "--sdpa-backend cudnn needs CUDA; on cpu use auto, flash or math",
@@ -80,9 +88,9 @@ def test_the_workloads_are_nanogpts_configuration() -> None:
     from gpt2.config import resolve
 
     for preset in bench.PRESETS:
-        cfg = resolve({**bench.PRESETS[preset], **bench.CASES["vanilla"]})
+        cfg = resolve({**bench.PRESETS[preset], **bench.CASES["vanilla"].overrides})
         assert (cfg.model.bias, cfg.model.dropout) == (False, 0.0), preset
-        ref = resolve({**bench.PRESETS[preset], **bench.CASES["vanilla-ref"]})
+        ref = resolve({**bench.PRESETS[preset], **bench.CASES["vanilla-ref"].overrides})
         assert (ref.model.bias, ref.model.dropout) == (True, 0.1), preset
 
 
@@ -98,7 +106,7 @@ def test_rounds_interleave_the_cases_and_report_the_median_round(tmp_path, monke
         return {"case": case, "dtype": "float32", "ms_per_step": ms, "tag": ms, **fields,
                 "optimizer_state_bytes_per_param": 8.0}  # fmt: skip
 
-    monkeypatch.setattr(bench, "_run_case", fake_run)
+    monkeypatch.setattr(runner, "run_case", fake_run)
     assert (
         bench.main(["--preset", "tiny", "--cases", "vanilla,V1", "--rounds", "3", "--out", str(tmp_path)])
         == 0
@@ -126,7 +134,7 @@ def test_a_time_budget_bounds_each_case_and_skips_what_is_left(tmp_path, monkeyp
         time.sleep(0.6)
         return {"case": case, "skipped": "failed: (fake)"}
 
-    monkeypatch.setattr(bench, "_run_case", fake_run)
+    monkeypatch.setattr(runner, "run_case", fake_run)
     argv = ["--preset", "tiny", "--cases", "vanilla,V0,V1", "--time-budget", "1", "--case-timeout", "60"]
     assert bench.main([*argv, "--out", str(tmp_path)]) == 0
     assert len(limits) == 2 and limits[0] <= 1.0 and limits[1] <= 0.4  # what was left of the budget
@@ -173,8 +181,8 @@ def test_every_run_times_the_reference_and_measures_the_gemm_ceiling(tmp_path) -
 
 
 def test_the_generation_case_compares_the_kv_cache_with_recomputing(tmp_path) -> None:
-    row = bench._worker("tiny", "generate", steps=1, warmup=0, device="cpu", extra={"n_layer": 1})
+    row = workers.run_worker("tiny", "generate", steps=1, warmup=0, device="cpu", extra={"n_layer": 1})
     assert row["cached"] > 0 and row["uncached"] > 0 and row["same_tokens"] is True
     assert row["new_tokens"] == bench.GENERATE_TOKENS == 200
-    md = bench._table("tiny", [row])
+    md = report.table("tiny", [row])
     assert "Generation, 200 new tokens from one" in md and "the same tokens: yes" in md

@@ -25,9 +25,9 @@ from gpt2.config import RunConfig
 from gpt2.errors import UserError
 from gpt2.launch.outcome import outcome
 from gpt2.launch.plan import Job, plan
+from gpt2.signals import STOP, Stopped
 from gpt2.track.metrics import write_json_atomic
 from gpt2.trainer import checkpoint
-from gpt2.trainer.signals import STOP, Stopped
 
 JOBS_FILE = "jobs.json"
 POLL_S = {"local": 0.1, "slurm": 2.0}  # how often job states are read
@@ -135,7 +135,7 @@ def _dry_run(jobs: list[Job]) -> dict[str, Any]:
 def run_ablation(cfg: RunConfig, executor: Executor | None = None) -> dict[str, Any]:
     """Run every (arm, seed) of ``cfg``'s ablation as its own job; returns the summary (also on disk).
 
-    After the summary is written: :class:`~gpt2.trainer.signals.Stopped` if a stop signal ended the
+    After the summary is written: :class:`~gpt2.signals.Stopped` if a stop signal ended the
     ablation (rerun the command to continue), :class:`UserError` if a run failed (the others ran).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -10,6 +10,7 @@ _HOME = {
     "AdamWPrune": "adamwprune",
     "AdamWSPAM": "spam",
     "OPTIMIZER_BUILDERS": "factory",
+    "OptimSettings": "factory",
     "build_optimizer": "factory",
     "param_groups": "factory",
     "lr_at": "schedule",

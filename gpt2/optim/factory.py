@@ -1,16 +1,44 @@
-"""Build an optimizer by name with decay / no-decay parameter groups."""
+"""Build an optimizer by name with decay / no-decay parameter groups.
+
+The factory reads its settings through :class:`OptimSettings`, not the run configuration's class:
+the configuration imports this package's score registry, so this package must not import it back.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from gpt2.config import OptimSection
 from gpt2.optim.adamwprune import AdamWPrune
 from gpt2.optim.spam import AdamWSPAM
+
+
+class OptimSettings(Protocol):
+    """The optimizer settings the builders read; :class:`gpt2.config.OptimSection`, once resolved
+    (no field left ``None``), is one."""
+
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    muon_momentum: float
+    muon_ns_dtype: str
+    spam_theta: float
+    spam_interval: int
+    spam_warmup_steps: int
+    spam_enable_clip: bool
+    spam_spike_detection: bool
+    spam_amsgrad: bool
+    adamwprune_variant: str
+    adamwprune_base_optimizer_name: str
+    adamwprune_beta1: float
+    adamwprune_beta2: float
+    adamwprune_weight_decay: float
+    adamwprune_amsgrad: bool
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -34,7 +62,7 @@ def _fused_ok(model: nn.Module) -> bool:
     return len(devices) == 1 and devices <= {"cuda", "cpu"}
 
 
-def _adamw(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.learning_rate,
@@ -44,7 +72,7 @@ def _adamw(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Op
     )
 
 
-def _adam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
+def _adam(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.optim.Optimizer:
     # Plain Adam would couple decay into the gradient (L2); as in the reference it gets none.
     return torch.optim.Adam(
         param_groups(model, 0.0),
@@ -55,11 +83,11 @@ def _adam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Opt
     )
 
 
-def _sgd(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
+def _sgd(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, momentum=0.9)
 
 
-def _spam_settings(cfg: OptimSection, compile: bool) -> dict[str, Any]:
+def _spam_settings(cfg: OptimSettings, compile: bool) -> dict[str, Any]:
     return dict(
         compile_clip=compile,
         theta=cfg.spam_theta,
@@ -70,7 +98,7 @@ def _spam_settings(cfg: OptimSection, compile: bool) -> dict[str, Any]:
     )
 
 
-def _adamwspam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
+def _adamwspam(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.optim.Optimizer:
     return AdamWSPAM(
         param_groups(model, cfg.weight_decay),
         lr=cfg.learning_rate,
@@ -82,7 +110,7 @@ def _adamwspam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.opti
     )
 
 
-def _adamwprune(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
+def _adamwprune(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.optim.Optimizer:
     spam = _spam_settings(cfg, compile) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {}
     return AdamWPrune(
         param_groups(model, cfg.adamwprune_weight_decay),
@@ -115,7 +143,7 @@ def muon_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
     return muon, rest
 
 
-def _muon(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
+def _muon(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.optim.Optimizer:
     from gpt2.optim.muon import Muon, MuonWithAdamW
 
     matrices, rest = muon_params(model)
@@ -140,7 +168,7 @@ def _muon(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Opt
     return MuonWithAdamW(muon, adamw)
 
 
-OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSection, bool], torch.optim.Optimizer]] = {
+OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSettings, bool], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamwspam": _adamwspam,
     "adamwprune": _adamwprune,
@@ -150,7 +178,7 @@ OPTIMIZER_BUILDERS: dict[str, Callable[[nn.Module, OptimSection, bool], torch.op
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection, compile: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimSettings, compile: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` names, over ``model``'s trainable parameters.
 
     ``compile``: the run compiles (``--compile``), so optimizer work that torch.compile fuses

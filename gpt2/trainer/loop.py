@@ -34,6 +34,7 @@ from gpt2.runtime import (
     resolve_dtype,
     select_sdpa_backend,
 )
+from gpt2.signals import STOP, Stopped, StopRequest, catch_stop_signals
 from gpt2.track.console import Console
 from gpt2.track.metrics import MetricsLog, environment, write_json_atomic
 from gpt2.track.perf import mfu
@@ -42,7 +43,6 @@ from gpt2.track.window import LogWindow
 from gpt2.trainer import checkpoint, distributed
 from gpt2.trainer.evaluate import evaluate, is_compare_step, multiple_choice
 from gpt2.trainer.extension import Extension, Extensions
-from gpt2.trainer.signals import STOP, Stopped, StopRequest, catch_stop_signals
 from gpt2.trainer.state import TrainClock, TrainState
 from gpt2.trainer.step import TrainStep
 
@@ -279,9 +279,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``--max-iters`` or ``--max-time``; returns the results dict (also written to disk).
 
-        SIGTERM/SIGINT stop it within one micro-step in every phase (:mod:`.signals`): with training
+        SIGTERM/SIGINT stop it within one micro-step in every phase (:mod:`gpt2.signals`): with training
         progress, checkpoint_last.pt is written and the results say ``stop_reason: signal ...``;
-        during data preparation :class:`~.signals.Stopped` leaves (nothing was trained).
+        during data preparation :class:`~gpt2.signals.Stopped` leaves (nothing was trained).
         """
         c = self.cfg
         start = self._fit_start = time.perf_counter()

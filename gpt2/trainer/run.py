@@ -6,9 +6,9 @@ import contextlib
 import json
 
 from gpt2.config import RunConfig
+from gpt2.signals import STOP
 from gpt2.trainer import distributed
 from gpt2.trainer.extension import Extension
-from gpt2.trainer.signals import STOP
 
 
 def extensions_for(cfg: RunConfig) -> list[Extension]:

@@ -251,7 +251,7 @@ def test_a_second_sigint_exits_at_once(tmp_path) -> None:
     """The first SIGINT is deferred (a checkpoint write, say); a second one ends the process at once."""
     code = (
         "import os, signal, time\n"
-        "from gpt2.trainer.signals import installed, STOP\n"
+        "from gpt2.signals import installed, STOP\n"
         "with installed():\n"
         "    with STOP.deferring():\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
@@ -266,7 +266,7 @@ def test_a_second_sigint_exits_at_once(tmp_path) -> None:
 
 
 def test_a_signal_inside_the_mode_bookkeeping_leaves_the_mode_stack_intact() -> None:
-    from gpt2.trainer.signals import Stopped, StopRequest
+    from gpt2.signals import Stopped, StopRequest
 
     stop = StopRequest()
     with stop.deferring():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 
-from gpt2.config import resolve
+from gpt2.config import OptimSection, resolve
 from gpt2.errors import ConfigError
 from gpt2.model import GPT, GPTConfig
-from gpt2.optim import build_optimizer
+from gpt2.optim import OptimSettings, build_optimizer
 from gpt2.optim.adamwprune import AdamWPrune
 from gpt2.optim.prune import Pruner, prunable_parameters
 from gpt2.optim.spam import AdamWSPAM
@@ -82,3 +84,14 @@ def test_a_spam_rewarmup_as_long_as_the_interval_is_accepted_with_a_warning(caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "warning" in err[0] and "stays in re-warmup" in err[0]
     assert cfg(optimizer="adamwspam", spam_interval=1000, spam_warmup_steps=999).warnings == ()
+
+
+def test_the_optim_section_provides_every_setting_the_factory_reads():
+    """The factory names its settings in a protocol (it may not import the config); the section must
+    keep providing them, every one resolved (not None)."""
+    wanted = typing.get_type_hints(OptimSettings)
+    section = typing.get_type_hints(OptimSection)
+    assert set(wanted) <= set(section), sorted(set(wanted) - set(section))
+    for optimizer in ("adamw", "adamwspam", "adamwprune", "muon"):
+        resolved = cfg(optimizer=optimizer, pruning_method="state" if optimizer == "adamwprune" else "none")
+        assert all(getattr(resolved.optim, name) is not None for name in wanted), optimizer
