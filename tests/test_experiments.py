@@ -24,6 +24,8 @@ def test_every_documented_experiment_is_shipped_with_its_claim() -> None:
         "b200-bitter7",
         "ddp-4gpu-ra",
         "tiny-preset-sweep",
+        "mqar-zoology-attention",
+        "mqar-v-series",
     }
     assert expected <= set(NAMES)
     for e in experiments():
@@ -36,10 +38,14 @@ def test_list_experiments_prints_them(capsys) -> None:
     assert all(f"--config experiments/{name}.toml" in out for name in NAMES)
 
 
-def cpu_scale(corpus_dir, data_dir, out_dir) -> list[str]:
+def cpu_scale(corpus_dir, data_dir, out_dir, synthetic: bool = False) -> list[str]:
     flags = tiny_run_flags(corpus_dir, data_dir, out_dir, max_iters=6, max_time=0)
     del flags["optimizer"]  # the file's own (or ablated by it)
     flags |= dict(gradient_accumulation=1, warmup_steps=2, tracker="none", eval_interval=3, eval_samples=1)
+    if synthetic:  # a probe task keeps its dataset, its block and its model shape; fewer examples
+        for key in ("dataset", "data_dir", "block_size", "n_layer"):
+            del flags[key]
+        flags |= dict(task_train_examples=500, task_val_examples=64)
     return as_argv(flags)
 
 
@@ -54,7 +60,8 @@ def test_experiment_parses_as_written(name) -> None:
 def test_experiment_runs_at_cpu_scale(name, corpus_dir, data_dir, tmp_path) -> None:
     path = EXPERIMENTS_DIR / f"{name}.toml"
     written = parse(["--config", str(path), "--output-dir", str(tmp_path / "unused")])
-    argv = ["--config", str(path), *cpu_scale(corpus_dir, data_dir, tmp_path / "out")]
+    synthetic = written.task_params is not None
+    argv = ["--config", str(path), *cpu_scale(corpus_dir, data_dir, tmp_path / "out", synthetic)]
     if written.pruning.pruning_method != "none":
         argv += ["--pruning-warmup", "2", "--pruning-frequency", "2"]
     cfg = parse(argv)
