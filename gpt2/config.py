@@ -18,6 +18,7 @@ from typing import Any
 from gpt2.errors import ConfigError
 from gpt2.model.config import GPTConfig
 from gpt2.model.steps import STEPS, apply_step, get_step, parse_steps
+from gpt2.optim.prune.schedule import RAMPS
 from gpt2.optim.prune.scores import OPTIMIZER_SCORES, SCORES, describe
 from gpt2.presets import PRESETS
 
@@ -336,6 +337,14 @@ class OptimSection:
     adamwprune_amsgrad: bool = opt(False, "AdamWPrune AMSGrad")
 
 
+def _reference_ramps() -> str:
+    """``magnitude cubic, movement linear, state cubic``: each method's ramp in the score table."""
+    state = sorted({SCORES[name].ramp for name in OPTIMIZER_SCORES})
+    return ", ".join(
+        [*(f"{m} {SCORES[m].ramp}" for m in PRUNING_METHODS if m in SCORES), f"state {'/'.join(state)}"]
+    )
+
+
 @dataclass
 class PruningSection:
     """Pruning."""
@@ -354,8 +363,15 @@ class PruningSection:
     pruning_warmup: int = opt(1000, "steps before any pruning", rule=NON_NEGATIVE)
     pruning_ramp_end: int | None = opt(
         None,
-        "step at which the cubic sparsity ramp reaches --target-sparsity, then holds "
-        "(unset: 0.8 x --max-iters)",
+        "step at which the sparsity ramp reaches --target-sparsity, then holds (unset: 0.8 x --max-iters)",
+    )
+    pruning_schedule: str = opt(
+        "auto",
+        "shape of the sparsity ramp from --pruning-warmup to --pruning-ramp-end: target x p (linear) or "
+        "target x p^3 (cubic), p the fraction of the ramp done; auto = the method's reference shape ("
+        + _reference_ramps()
+        + "). The run's config records the shape used",
+        choices=("auto", *RAMPS),
     )
     pruning_frequency: int = opt(
         50,
@@ -738,6 +754,8 @@ def _resolve_pruning(cfg: RunConfig) -> None:
             setattr(o, name, general)
     if p.pruning_method != "none" and p.pruning_ramp_end is None and t.num_epochs is None:
         p.pruning_ramp_end = round(PRUNING_RAMP_FRACTION * t.max_iters)  # before the bump: same ramp
+    if p.pruning_schedule == "auto" and cfg.pruning_score is not None:
+        p.pruning_schedule = SCORES[cfg.pruning_score].ramp  # the config says which ramp is used
     bump = iteration_bump(cfg)
     if bump:
         t.max_iters = round(t.max_iters * (1 + bump))
@@ -782,7 +800,14 @@ def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
     )
     if p.pruning_method == "none":
         extra = sorted(
-            given & {"pruning_ramp_end", "pruning_frequency", "prune_embeddings", "pruning_threshold_sample"}
+            given
+            & {
+                "pruning_ramp_end",
+                "pruning_frequency",
+                "pruning_schedule",
+                "prune_embeddings",
+                "pruning_threshold_sample",
+            }
         )
         _check(not extra, f"--{extra[0].replace('_', '-') if extra else ''} needs --pruning-method")
         return

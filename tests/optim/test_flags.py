@@ -12,6 +12,7 @@ from gpt2.optim import build_optimizer
 from gpt2.optim.adamwprune import AdamWPrune
 from gpt2.optim.prune import Pruner, prunable_parameters
 from gpt2.optim.spam import AdamWSPAM
+from gpt2.trainer.extensions.pruning import PruningExtension
 
 
 def cfg(**values):
@@ -21,6 +22,34 @@ def cfg(**values):
 def test_ramp_end_defaults_to_most_of_the_run():
     c = cfg(pruning_method="magnitude", max_iters=1000, pruning_warmup=100)
     assert c.pruning.pruning_ramp_end == 800
+
+
+@pytest.mark.parametrize(
+    ("values", "shape"),
+    [
+        (dict(pruning_method="movement"), "linear"),  # the reference's ramp for each method
+        (dict(pruning_method="magnitude"), "cubic"),
+        (dict(pruning_method="state", optimizer="adamwprune"), "cubic"),
+        (dict(pruning_method="movement", pruning_schedule="cubic"), "cubic"),  # set: like for like
+        (dict(pruning_method="magnitude", pruning_schedule="linear"), "linear"),
+    ],
+)
+def test_pruning_schedule_resolves_to_the_shape_used(values, shape, tmp_path):
+    from gpt2 import config_file
+
+    c = cfg(max_iters=1000, pruning_warmup=100, **values)
+    assert c.pruning.pruning_schedule == shape
+    assert f'pruning-schedule = "{shape}"' in config_file.to_toml(c)  # recorded in the run's config.toml
+    assert PruningExtension.from_config(c).schedule.shape == shape  # and the ramp the run follows
+    assert cfg().pruning.pruning_schedule == "auto"  # no pruning: nothing to resolve
+
+
+def test_pruning_schedule_help_names_each_methods_ramp():
+    from gpt2.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if a.dest == "pruning_schedule")
+    assert action.choices == ("auto", "linear", "cubic")
+    assert "magnitude cubic, movement linear, state cubic" in action.help
 
 
 @pytest.mark.parametrize(("variant", "iters"), [("bitter0", 10000), ("bitter2", 12100), ("bitter3", 13000)])
@@ -44,6 +73,7 @@ def test_adamwprune_hyperparameters_default_to_the_general_ones():
         (dict(optimizer="adamw", spam_enable_clip=True), "needs --optimizer adamwspam"),
         (dict(optimizer="adamw", adamwprune_variant="bitter3"), "needs --optimizer adamwprune"),
         (dict(pruning_frequency=10), "needs --pruning-method"),
+        (dict(pruning_schedule="linear"), "needs --pruning-method"),
         (dict(pruning_method="magnitude", max_iters=100), "must be below the pruning ramp end"),
         (dict(pruning_method="magnitude", max_iters=2000, pruning_ramp_end=3000), "never be reached"),
         (dict(pruning_method="state"), "needs --optimizer adamwprune"),

@@ -21,6 +21,23 @@ def test_cubic_schedule_values():
     assert s.sparsity_at(1100) == 0.5 and s.sparsity_at(5000) == 0.5
 
 
+def test_linear_schedule_values():
+    """Movement's reference ramp (spec §7.2): halfway through, half the target (cubic: an eighth)."""
+    s = SparsitySchedule(target=0.5, warmup=100, ramp_end=1100, frequency=50, shape="linear")
+    assert s.sparsity_at(100) == 0.0 and s.sparsity_at(1100) == 0.5
+    assert s.sparsity_at(600) == 0.25  # 0.5 * 500/1000
+    assert s.sparsity_at(350) == 0.125  # 0.5 * 250/1000
+    with pytest.raises(ValueError, match="ramp shape"):
+        SparsitySchedule(target=0.5, warmup=0, ramp_end=10, shape="exponential")
+
+
+def test_each_method_has_its_reference_ramp():
+    from gpt2.optim.prune.scores import OPTIMIZER_SCORES, SCORES
+
+    assert SCORES["movement"].ramp == "linear" and SCORES["magnitude"].ramp == "cubic"
+    assert {SCORES[name].ramp for name in OPTIMIZER_SCORES} == {"cubic"}  # AdamWPrune: cubic for all
+
+
 def test_masks_update_every_frequency_steps_and_once_at_the_ramp_end():
     s = SparsitySchedule(target=0.5, warmup=100, ramp_end=1075, frequency=50)
     assert not s.due(100, 0.0)  # nothing to prune yet

@@ -1,23 +1,27 @@
-"""When to prune and how much: a cubic ramp from the end of the warm-up to the target, then hold."""
+"""When to prune and how much: a linear or cubic ramp from the end of the warm-up to the target, then hold."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+RAMPS = ("linear", "cubic")  # ramp shapes; each score's reference shape is in scores.SCORES
 
 
 @dataclass(frozen=True)
 class SparsitySchedule:
     """Sparsity after ``step`` completed optimizer steps.
 
-    ``0`` up to ``warmup``; ``target·p³`` with ``p = (step − warmup)/(ramp_end − warmup)`` in
-    between; ``target`` from ``ramp_end`` on. Masks are updated every ``frequency`` steps during
-    the ramp and once more at ``ramp_end``, so the target is reached exactly there.
+    ``0`` up to ``warmup``; ``target·p`` (``shape="linear"``) or ``target·p³`` (``"cubic"``) with
+    ``p = (step − warmup)/(ramp_end − warmup)`` in between; ``target`` from ``ramp_end`` on. Masks
+    are updated every ``frequency`` steps during the ramp and once more at ``ramp_end``, so the
+    target is reached exactly there.
     """
 
     target: float
     warmup: int
     ramp_end: int
     frequency: int = 50
+    shape: str = "cubic"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -26,6 +30,8 @@ class SparsitySchedule:
             raise ValueError(f"need 0 <= warmup < ramp_end, got {self.warmup} and {self.ramp_end}")
         if self.frequency < 1:
             raise ValueError(f"frequency must be >= 1, got {self.frequency}")
+        if self.shape not in RAMPS:
+            raise ValueError(f"ramp shape must be one of {', '.join(RAMPS)}, got {self.shape!r}")
 
     def sparsity_at(self, step: float) -> float:
         if step <= self.warmup:
@@ -33,7 +39,7 @@ class SparsitySchedule:
         if step >= self.ramp_end:
             return self.target
         p = (step - self.warmup) / (self.ramp_end - self.warmup)
-        return self.target * p**3
+        return self.target * (p if self.shape == "linear" else p**3)
 
     def due(self, step: int, applied: float, position: float | None = None) -> bool:
         """Whether the masks should be updated after ``step``, when they prune ``applied`` now.

@@ -21,6 +21,7 @@ from gpt2.errors import UserError
 from gpt2.optim.prune.masks import MaskSet, prunable_parameters, short_name, zero_fraction
 from gpt2.optim.prune.pruner import Pruner
 from gpt2.optim.prune.schedule import SparsitySchedule
+from gpt2.optim.prune.scores import SCORES
 from gpt2.trainer.extension import Extension
 
 # Optimizers whose step keeps a zero weight with a zero gradient and zero state at exactly zero.
@@ -80,6 +81,8 @@ class PruningExtension(Extension):
             warmup=p.pruning_warmup,
             ramp_end=p.pruning_ramp_end,
             frequency=p.pruning_frequency,
+            # resolve() replaces auto by the score's reference ramp; a config built by hand may not
+            shape=SCORES[cfg.pruning_score].ramp if p.pruning_schedule == "auto" else p.pruning_schedule,
         )
         verbose = not cfg.train.quiet and not cfg.train.dry_run
         bump = iteration_bump(cfg)
@@ -118,7 +121,7 @@ class PruningExtension(Extension):
             s, m = self.schedule, self.pruner.masks
             print(
                 f"pruning ({self.score}): {m.numel:,} weights in {len(m)} tensors to "
-                f"{s.target:.1%} sparsity, cubic ramp from step {s.warmup} to {s.ramp_end}, "
+                f"{s.target:.1%} sparsity, {s.shape} ramp from step {s.warmup} to {s.ramp_end}, "
                 f"masks updated every {s.frequency} steps",
                 flush=True,
             )
@@ -189,6 +192,7 @@ class PruningExtension(Extension):
             "final_sparsity": overall,
             "sparsity_per_layer": per,
             "target_sparsity": self.schedule.target,
+            "pruning_schedule": self.schedule.shape,
             "pruning_score": self.score,
             "prunable_params": self.masks.numel if self.masks is not None else None,
             "mask_updates": self.updates,
