@@ -360,10 +360,16 @@ class PruningSection:
         "final fraction of prunable weights set to zero, in [0, 1); reached exactly at the ramp end",
         rule=FRACTION,
     )
-    pruning_warmup: int = opt(1000, "steps before any pruning", rule=NON_NEGATIVE)
+    pruning_warmup: int = opt(
+        1000,
+        "iterations before any pruning; this, the ramp end and the frequency count iterations from 0 as "
+        "the LR schedule does (iteration i is the (i+1)-th optimizer step)",
+        rule=NON_NEGATIVE,
+    )
     pruning_ramp_end: int | None = opt(
         None,
-        "step at which the sparsity ramp reaches --target-sparsity, then holds (unset: 0.8 x --max-iters)",
+        "iteration at which the sparsity ramp reaches --target-sparsity, then holds; below --max-iters "
+        "(unset: 0.8 x --max-iters)",
     )
     pruning_schedule: str = opt(
         "auto",
@@ -375,7 +381,7 @@ class PruningSection:
     )
     pruning_frequency: int = opt(
         50,
-        "steps between mask updates during the ramp (and one more at its end)",
+        "iterations between mask updates during the ramp (and one more at its end)",
         aliases=("--adamwprune-frequency",),
         rule=POSITIVE,
     )
@@ -753,7 +759,8 @@ def _resolve_pruning(cfg: RunConfig) -> None:
         if getattr(o, name) is None:
             setattr(o, name, general)
     if p.pruning_method != "none" and p.pruning_ramp_end is None and t.num_epochs is None:
-        p.pruning_ramp_end = round(PRUNING_RAMP_FRACTION * t.max_iters)  # before the bump: same ramp
+        # before the bump: same ramp; the last iteration is max_iters - 1
+        p.pruning_ramp_end = min(round(PRUNING_RAMP_FRACTION * t.max_iters), t.max_iters - 1)
     if p.pruning_schedule == "auto" and cfg.pruning_score is not None:
         p.pruning_schedule = SCORES[cfg.pruning_score].ramp  # the config says which ramp is used
     bump = iteration_bump(cfg)
@@ -821,9 +828,9 @@ def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
         "lower --pruning-warmup or raise --pruning-ramp-end",
     )
     _check(
-        t.num_epochs is not None or p.pruning_ramp_end <= t.max_iters,
-        f"--pruning-ramp-end ({p.pruning_ramp_end}) is beyond --max-iters ({t.max_iters}): "
-        "the target sparsity would never be reached",
+        t.num_epochs is not None or p.pruning_ramp_end < t.max_iters,
+        f"--pruning-ramp-end ({p.pruning_ramp_end}) must be below --max-iters ({t.max_iters}): iterations "
+        f"count from 0, so the last is {t.max_iters - 1}, and the target sparsity would never be reached",
     )
 
 

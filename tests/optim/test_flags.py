@@ -22,6 +22,8 @@ def cfg(**values):
 def test_ramp_end_defaults_to_most_of_the_run():
     c = cfg(pruning_method="magnitude", max_iters=1000, pruning_warmup=100)
     assert c.pruning.pruning_ramp_end == 800
+    short = cfg(pruning_method="magnitude", max_iters=2, pruning_warmup=0)
+    assert short.pruning.pruning_ramp_end == 1  # the last iteration (0-based), so the target is reached
 
 
 @pytest.mark.parametrize(
@@ -76,6 +78,7 @@ def test_adamwprune_hyperparameters_default_to_the_general_ones():
         (dict(pruning_schedule="linear"), "needs --pruning-method"),
         (dict(pruning_method="magnitude", max_iters=100), "must be below the pruning ramp end"),
         (dict(pruning_method="magnitude", max_iters=2000, pruning_ramp_end=3000), "never be reached"),
+        (dict(pruning_method="magnitude", max_iters=2000, pruning_ramp_end=2000), "the last is 1999"),
         (dict(pruning_method="state"), "needs --optimizer adamwprune"),
         (dict(pruning_method="magnitude", parallel="fsdp"), "use --parallel ddp"),
     ],
