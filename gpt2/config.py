@@ -29,6 +29,7 @@ RA_GATES = ("per-head", "per-layer")
 GATE_SCHEDULES = ("none", "delayed", "variance")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune", "muon")
+SPAM_VARIANTS = ("reference", "paper")  # gpt2.optim.spam.VARIANTS, named here for the torch-free CLI
 PRUNING_METHODS = ("none", "magnitude", "movement", "state")
 PRUNING_RAMP_FRACTION = 0.8  # default ramp end, as a fraction of --max-iters
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -303,7 +304,8 @@ class OptimSection:
     )
     spam_warmup_steps: int = opt(
         100,
-        "AdamWSPAM: cosine LR re-warmup steps after each reset, < --spam-interval",
+        "AdamWSPAM: cosine LR re-warmup steps after each reset (one as long as --spam-interval or longer "
+        "keeps the LR in re-warmup: accepted, with a warning)",
         rule=NON_NEGATIVE,
     )
     spam_enable_clip: bool = opt(
@@ -315,6 +317,15 @@ class OptimSection:
         "last 100); reads the norm to the host every step",
     )
     spam_amsgrad: bool = opt(False, "AdamWSPAM: AMSGrad (adds a third state tensor)")
+    spam_variant: str = opt(
+        "reference",
+        "AdamWSPAM: whose algorithm. reference = the earlier system's, fixed (clipping from step 2 "
+        "against v+1e-12 before --grad-clip; re-warmup max(1e-3, (1-cos(pi*c/W))/2); torch AdamW's "
+        "update). paper = the SPAM authors' code: no clipping in the first 20 steps of the run and of "
+        "each interval, clipping after --grad-clip; re-warmup 0.01+0.99*(1-cos(pi*c/(W+1)))/2; eps 1e-6 "
+        "added to the uncorrected sqrt(v); weight decay after the update at the un-warmed LR; no AMSGrad",
+        choices=SPAM_VARIANTS,
+    )
     adamwprune_variant: str = opt(
         "bitter0",
         "AdamWPrune importance score (higher keeps; m, v Adam moments): "
@@ -780,6 +791,15 @@ def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
         uses_spam or not spam_flags,
         f"--{spam_flags[0].replace('_', '-') if spam_flags else ''} needs --optimizer adamwspam "
         "(or adamwprune with --adamwprune-base-optimizer-name adamwspam)",
+    )
+    _check(
+        not (
+            uses_spam
+            and o.spam_variant == "paper"
+            and (o.spam_amsgrad if o.optimizer == "adamwspam" else o.adamwprune_amsgrad)
+        ),
+        "--spam-variant paper has no AMSGrad (the SPAM authors' optimizer): drop --spam-amsgrad "
+        "/ --adamwprune-amsgrad or use --spam-variant reference",
     )
     if uses_spam and 0 < o.spam_interval <= o.spam_warmup_steps:  # accepted, as the earlier system did
         warnings.append(

@@ -10,7 +10,7 @@ from torch import nn
 
 from gpt2.config import OptimSection
 from gpt2.optim.adamwprune import AdamWPrune
-from gpt2.optim.spam import AdamWSPAM
+from gpt2.optim.spam import PAPER_EPS, AdamWSPAM
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -61,6 +61,8 @@ def _sgd(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Opti
 
 def _spam_settings(cfg: OptimSection, compile: bool) -> dict[str, Any]:
     return dict(
+        eps=PAPER_EPS if cfg.spam_variant == "paper" else 1e-8,  # each variant's own Adam eps
+        spam_variant=cfg.spam_variant,
         compile_clip=compile,
         theta=cfg.spam_theta,
         interval=cfg.spam_interval,
@@ -75,7 +77,6 @@ def _adamwspam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.opti
         param_groups(model, cfg.weight_decay),
         lr=cfg.learning_rate,
         betas=(cfg.beta1, cfg.beta2),
-        eps=1e-8,
         amsgrad=cfg.spam_amsgrad,
         fused=_fused_ok(model),
         **_spam_settings(cfg, compile),
@@ -83,13 +84,14 @@ def _adamwspam(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.opti
 
 
 def _adamwprune(model: nn.Module, cfg: OptimSection, compile: bool) -> torch.optim.Optimizer:
-    spam = _spam_settings(cfg, compile) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {}
+    spam = (
+        _spam_settings(cfg, compile) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {"eps": 1e-8}
+    )
     return AdamWPrune(
         param_groups(model, cfg.adamwprune_weight_decay),
         variant=cfg.adamwprune_variant,
         lr=cfg.learning_rate,
         betas=(cfg.adamwprune_beta1, cfg.adamwprune_beta2),
-        eps=1e-8,
         amsgrad=cfg.adamwprune_amsgrad,
         fused=_fused_ok(model),
         **spam,

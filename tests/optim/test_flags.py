@@ -80,6 +80,8 @@ def test_adamwprune_hyperparameters_default_to_the_general_ones():
         (dict(pruning_method="magnitude", max_iters=2000, pruning_ramp_end=3000), "never be reached"),
         (dict(pruning_method="magnitude", max_iters=2000, pruning_ramp_end=2000), "the last is 1999"),
         (dict(pruning_method="state"), "needs --optimizer adamwprune"),
+        (dict(optimizer="adamw", spam_variant="paper"), "needs --optimizer adamwspam"),
+        (dict(optimizer="adamwspam", spam_variant="paper", spam_amsgrad=True), "has no AMSGrad"),
         (dict(pruning_method="magnitude", parallel="fsdp"), "use --parallel ddp"),
     ],
 )
@@ -104,6 +106,21 @@ def test_factory_builds_spam_and_adamwprune_with_the_flags():
         cfg(optimizer="adamwprune", pruning_method="state", adamwprune_base_optimizer_name="adamwspam").optim,
     )
     assert on_spam.interval == 1000
+
+
+def test_spam_variant_reaches_the_optimizer_with_its_eps():
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    ref = build_optimizer(model, cfg(optimizer="adamwspam").optim)
+    paper = build_optimizer(model, cfg(optimizer="adamwspam", spam_variant="paper").optim)
+    assert (ref.spam_variant, ref.defaults["eps"]) == ("reference", 1e-8)
+    assert (paper.spam_variant, paper.defaults["eps"], paper.defaults["fused"]) == ("paper", 1e-6, False)
+    values = dict(optimizer="adamwprune", pruning_method="state", adamwprune_base_optimizer_name="adamwspam")
+    on_paper = build_optimizer(model, cfg(spam_variant="paper", **values).optim)
+    assert isinstance(on_paper, AdamWPrune) and on_paper.spam_variant == "paper"
+    assert (
+        build_optimizer(model, cfg(optimizer="adamwprune", pruning_method="state").optim).defaults["eps"]
+        == 1e-8
+    )
 
 
 def test_a_spam_rewarmup_as_long_as_the_interval_is_accepted_with_a_warning(capsys):
