@@ -29,8 +29,8 @@ TianjinYellow/SPAM-Optimizer), where it differs from the reference this class fo
   ``g² > theta·v`` (no 1e-12), and is skipped in the first ``clip_settle`` (20) steps of the run
   and of every interval: only at ``t >= 20`` with ``t mod interval >= 20``;
 - the re-warmup multiplier is ``0.01 + 0.99·½(1 − cos(π·c/(W + 1)))``, ``c = t − t_reset``, for
-  ``c < W`` (the reference: ``max(1e-3, ½(1 − cos(π·c/W)))``), so it ends at 0.66-0.99, not 1,
-  before jumping to 1;
+  ``c < W`` (the reference: ``max(1e-3, ½(1 − cos(π·c/W)))``), so its last value is below 1
+  (0.2575 for W = 2, 0.9996 for W = 150) before it jumps to 1;
 - the Adam update adds ``eps`` to the uncorrected ``√v`` (``p −= lr·√(1 − β₂ᵗ)/(1 − β₁ᵗ)·m/(√v + eps)``,
   torch: ``m̂/(√v̂ + eps)``), with ``eps`` 1e-6 (:data:`PAPER_EPS`, the authors' default), and the
   weight decay comes after it, on the updated weights and at the un-warmed LR:
