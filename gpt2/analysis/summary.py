@@ -62,7 +62,9 @@ def _run_row(run: dict[str, Any]) -> dict[str, Any]:
         final_sparsity=r.get("final_sparsity"),
         results={k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)},
     )
-    compare = [(m["tokens"], m["elapsed_s"], m["compare_val_loss"]) for m in metrics if "compare_val_loss" in m]  # noqa: E501
+    compare = [
+        (m["tokens"], m["elapsed_s"], m["compare_val_loss"]) for m in metrics if "compare_val_loss" in m
+    ]
     evals = [(m["tokens"], m["elapsed_s"], m["val_loss"]) for m in metrics if "val_loss" in m]
     # the comparison batches' curve where there is one (the same steps in every run), else the evaluations
     row["curve"], row["curve_of"] = (compare, "comparison") if len(compare) > 1 else (evals, "evaluation")
