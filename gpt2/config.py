@@ -19,6 +19,7 @@ from gpt2.data.synthetic import TASKS, TaskParams
 from gpt2.errors import ConfigError
 from gpt2.model.config import GPTConfig
 from gpt2.model.steps import STEPS, apply_step, get_step, parse_steps
+from gpt2.optim.prune.schedule import RAMPS
 from gpt2.optim.prune.scores import OPTIMIZER_SCORES, SCORES, describe
 from gpt2.presets import PRESETS
 
@@ -29,6 +30,7 @@ RA_GATES = ("per-head", "per-layer")
 GATE_SCHEDULES = ("none", "delayed", "variance")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIMIZERS = ("sgd", "adam", "adamw", "adamwspam", "adamwprune", "muon")
+SPAM_VARIANTS = ("reference", "paper")  # gpt2.optim.spam.VARIANTS, named here for the torch-free CLI
 PRUNING_METHODS = ("none", "magnitude", "movement", "state")
 PRUNING_RAMP_FRACTION = 0.8  # default ramp end, as a fraction of --max-iters
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -339,7 +341,8 @@ class OptimSection:
     )
     spam_warmup_steps: int = opt(
         100,
-        "AdamWSPAM: cosine LR re-warmup steps after each reset, < --spam-interval",
+        "AdamWSPAM: cosine LR re-warmup steps after each reset (one as long as --spam-interval or longer "
+        "keeps the LR in re-warmup: accepted, with a warning)",
         rule=NON_NEGATIVE,
     )
     spam_enable_clip: bool = opt(
@@ -351,6 +354,15 @@ class OptimSection:
         "last 100); reads the norm to the host every step",
     )
     spam_amsgrad: bool = opt(False, "AdamWSPAM: AMSGrad (adds a third state tensor)")
+    spam_variant: str = opt(
+        "reference",
+        "AdamWSPAM: whose algorithm. reference = the earlier system's, fixed (clipping from step 2 "
+        "against v+1e-12 before --grad-clip; re-warmup max(1e-3, (1-cos(pi*c/W))/2); torch AdamW's "
+        "update). paper = the SPAM authors' code: no clipping in the first 20 steps of the run and of "
+        "each interval, clipping after --grad-clip; re-warmup 0.01+0.99*(1-cos(pi*c/(W+1)))/2; eps 1e-6 "
+        "added to the uncorrected sqrt(v); weight decay after the update at the un-warmed LR; no AMSGrad",
+        choices=SPAM_VARIANTS,
+    )
     adamwprune_variant: str = opt(
         "bitter0",
         "AdamWPrune importance score (higher keeps; m, v Adam moments): "
@@ -373,6 +385,14 @@ class OptimSection:
     adamwprune_amsgrad: bool = opt(False, "AdamWPrune AMSGrad")
 
 
+def _reference_ramps() -> str:
+    """``magnitude cubic, movement linear, state cubic``: each method's ramp in the score table."""
+    state = sorted({SCORES[name].ramp for name in OPTIMIZER_SCORES})
+    return ", ".join(
+        [*(f"{m} {SCORES[m].ramp}" for m in PRUNING_METHODS if m in SCORES), f"state {'/'.join(state)}"]
+    )
+
+
 @dataclass
 class PruningSection:
     """Pruning."""
@@ -388,15 +408,28 @@ class PruningSection:
         "final fraction of prunable weights set to zero, in [0, 1); reached exactly at the ramp end",
         rule=FRACTION,
     )
-    pruning_warmup: int = opt(1000, "steps before any pruning", rule=NON_NEGATIVE)
+    pruning_warmup: int = opt(
+        1000,
+        "iterations before any pruning; this, the ramp end and the frequency count iterations from 0 as "
+        "the LR schedule does (iteration i is the (i+1)-th optimizer step)",
+        rule=NON_NEGATIVE,
+    )
     pruning_ramp_end: int | None = opt(
         None,
-        "step at which the cubic sparsity ramp reaches --target-sparsity, then holds "
+        "iteration at which the sparsity ramp reaches --target-sparsity, then holds; below --max-iters "
         "(unset: 0.8 x --max-iters)",
+    )
+    pruning_schedule: str = opt(
+        "auto",
+        "shape of the sparsity ramp from --pruning-warmup to --pruning-ramp-end: target x p (linear) or "
+        "target x p^3 (cubic), p the fraction of the ramp done; auto = the method's reference shape ("
+        + _reference_ramps()
+        + "). The run's config records the shape used",
+        choices=("auto", *RAMPS),
     )
     pruning_frequency: int = opt(
         50,
-        "steps between mask updates during the ramp (and one more at its end)",
+        "iterations between mask updates during the ramp (and one more at its end)",
         aliases=("--adamwprune-frequency",),
         rule=POSITIVE,
     )
@@ -805,7 +838,10 @@ def _resolve_pruning(cfg: RunConfig) -> None:
         if getattr(o, name) is None:
             setattr(o, name, general)
     if p.pruning_method != "none" and p.pruning_ramp_end is None and t.num_epochs is None:
-        p.pruning_ramp_end = round(PRUNING_RAMP_FRACTION * t.max_iters)  # before the bump: same ramp
+        # before the bump: same ramp; the last iteration is max_iters - 1
+        p.pruning_ramp_end = min(round(PRUNING_RAMP_FRACTION * t.max_iters), t.max_iters - 1)
+    if p.pruning_schedule == "auto" and cfg.pruning_score is not None:
+        p.pruning_schedule = SCORES[cfg.pruning_score].ramp  # the config says which ramp is used
     bump = iteration_bump(cfg)
     if bump:
         t.max_iters = round(t.max_iters * (1 + bump))
@@ -823,6 +859,15 @@ def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
         uses_spam or not spam_flags,
         f"--{spam_flags[0].replace('_', '-') if spam_flags else ''} needs --optimizer adamwspam "
         "(or adamwprune with --adamwprune-base-optimizer-name adamwspam)",
+    )
+    _check(
+        not (
+            uses_spam
+            and o.spam_variant == "paper"
+            and (o.spam_amsgrad if o.optimizer == "adamwspam" else o.adamwprune_amsgrad)
+        ),
+        "--spam-variant paper has no AMSGrad (the SPAM authors' optimizer): drop --spam-amsgrad "
+        "/ --adamwprune-amsgrad or use --spam-variant reference",
     )
     if uses_spam and 0 < o.spam_interval <= o.spam_warmup_steps:  # accepted, as the earlier system did
         warnings.append(
@@ -850,7 +895,14 @@ def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
     )
     if p.pruning_method == "none":
         extra = sorted(
-            given & {"pruning_ramp_end", "pruning_frequency", "prune_embeddings", "pruning_threshold_sample"}
+            given
+            & {
+                "pruning_ramp_end",
+                "pruning_frequency",
+                "pruning_schedule",
+                "prune_embeddings",
+                "pruning_threshold_sample",
+            }
         )
         _check(not extra, f"--{extra[0].replace('_', '-') if extra else ''} needs --pruning-method")
         return
@@ -864,9 +916,9 @@ def _validate_optim_pruning(cfg: RunConfig, warnings: list[str]) -> None:
         "lower --pruning-warmup or raise --pruning-ramp-end",
     )
     _check(
-        t.num_epochs is not None or p.pruning_ramp_end <= t.max_iters,
-        f"--pruning-ramp-end ({p.pruning_ramp_end}) is beyond --max-iters ({t.max_iters}): "
-        "the target sparsity would never be reached",
+        t.num_epochs is not None or p.pruning_ramp_end < t.max_iters,
+        f"--pruning-ramp-end ({p.pruning_ramp_end}) must be below --max-iters ({t.max_iters}): iterations "
+        f"count from 0, so the last is {t.max_iters - 1}, and the target sparsity would never be reached",
     )
 
 

@@ -114,7 +114,7 @@ def _mask_update_ms(trainer: Any, sync: Callable[[], Any]) -> float | None:
         schedule = getattr(ext, "schedule", None)
         if schedule is not None:
             t = time.perf_counter()
-            ext.on_step_end(schedule.ramp_end, trainer.model, trainer.optimizer)
+            ext.on_step_end(schedule.ramp_end + 1, trainer.model, trainer.optimizer)  # iteration ramp_end
             sync()
             ms = 1000 * (time.perf_counter() - t)
     return ms

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gpt2.optim.adamwprune import AdamWPrune
-from gpt2.optim.spam import AdamWSPAM
+from gpt2.optim.spam import PAPER_EPS, AdamWSPAM
 
 
 class OptimSettings(Protocol):
@@ -33,6 +33,7 @@ class OptimSettings(Protocol):
     spam_enable_clip: bool
     spam_spike_detection: bool
     spam_amsgrad: bool
+    spam_variant: str
     adamwprune_variant: str
     adamwprune_base_optimizer_name: str
     adamwprune_beta1: float
@@ -89,6 +90,8 @@ def _sgd(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.optim.Opt
 
 def _spam_settings(cfg: OptimSettings, compile: bool) -> dict[str, Any]:
     return dict(
+        eps=PAPER_EPS if cfg.spam_variant == "paper" else 1e-8,  # each variant's own Adam eps
+        spam_variant=cfg.spam_variant,
         compile_clip=compile,
         theta=cfg.spam_theta,
         interval=cfg.spam_interval,
@@ -103,7 +106,6 @@ def _adamwspam(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.opt
         param_groups(model, cfg.weight_decay),
         lr=cfg.learning_rate,
         betas=(cfg.beta1, cfg.beta2),
-        eps=1e-8,
         amsgrad=cfg.spam_amsgrad,
         fused=_fused_ok(model),
         **_spam_settings(cfg, compile),
@@ -111,13 +113,14 @@ def _adamwspam(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.opt
 
 
 def _adamwprune(model: nn.Module, cfg: OptimSettings, compile: bool) -> torch.optim.Optimizer:
-    spam = _spam_settings(cfg, compile) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {}
+    spam = (
+        _spam_settings(cfg, compile) if cfg.adamwprune_base_optimizer_name == "adamwspam" else {"eps": 1e-8}
+    )
     return AdamWPrune(
         param_groups(model, cfg.adamwprune_weight_decay),
         variant=cfg.adamwprune_variant,
         lr=cfg.learning_rate,
         betas=(cfg.adamwprune_beta1, cfg.adamwprune_beta2),
-        eps=1e-8,
         amsgrad=cfg.adamwprune_amsgrad,
         fused=_fused_ok(model),
         **spam,

@@ -22,6 +22,22 @@ global gradient-norm clip, as the reference orders them (:meth:`step` runs them 
    is multiplied by ``max(1e-3, ½(1 − cos πp))``, ``p = (t − t_reset) / warmup_steps``, inside
    this step (the training loop sets the plain schedule and knows nothing of it).
 
+``spam_variant="paper"`` is the SPAM authors' own code instead (``galore_torch/SPAM.py`` of
+TianjinYellow/SPAM-Optimizer), where it differs from the reference this class follows by default:
+
+- clipping runs inside :meth:`step`, after the trainer's global gradient-norm clip, compares
+  ``g² > theta·v`` (no 1e-12), and is skipped in the first ``clip_settle`` (20) steps of the run
+  and of every interval: only at ``t >= 20`` with ``t mod interval >= 20``;
+- the re-warmup multiplier is ``0.01 + 0.99·½(1 − cos(π·c/(W + 1)))``, ``c = t − t_reset``, for
+  ``c < W`` (the reference: ``max(1e-3, ½(1 − cos(π·c/W)))``), so its last value is below 1
+  (0.2575 for W = 2, 0.9996 for W = 150) before it jumps to 1;
+- the Adam update adds ``eps`` to the uncorrected ``√v`` (``p −= lr·√(1 − β₂ᵗ)/(1 − β₁ᵗ)·m/(√v + eps)``,
+  torch: ``m̂/(√v̂ + eps)``), with ``eps`` 1e-6 (:data:`PAPER_EPS`, the authors' default), and the
+  weight decay comes after it, on the updated weights and at the un-warmed LR:
+  ``p ← (1 − lr·wd)·(p − update)`` (torch: ``(1 − lr'·wd)·p − update`` with ``lr'`` re-warmed).
+
+It has no AMSGrad and no device-side skipping (the trainer skips a non-finite step on the host).
+
 Every tensor operation is a ``torch._foreach_*`` call over a group's tensors, in chunks of at
 most ``CHUNK_ELEMENTS`` elements to bound the temporary memory. With ``compile_clip`` the clipping
 is instead one ``torch.compile``'d function per group, which fuses it into one pass over each
@@ -54,6 +70,12 @@ import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 25  # 32M elements (128 MiB of float32) of clipping thresholds at a time
+VARIANTS = ("reference", "paper")  # the earlier system's SPAM, or the SPAM authors' code
+PAPER_EPS = 1e-6  # the authors' Adam eps (their training script never sets it)
+PAPER_CLIP_SETTLE = (
+    20  # their grad_accu_steps: no clipping in the first 20 steps of the run and of each interval
+)
+CLIP_FLOOR = 1e-12  # the reference clips against v + 1e-12; the paper's code against v
 SPIKE_HISTORY = 100  # gradient norms kept for the z-score
 SPIKE_MIN_HISTORY = 10
 SPIKE_Z = 2.0
@@ -75,21 +97,41 @@ def rewarmup_multiplier(step: int | Tensor, warmup_until: int, warmup_steps: int
     return max(1e-3, 0.5 * (1.0 - math.cos(math.pi * p)))
 
 
-def _clip_fused(grads: list[Tensor], vs: list[Tensor], theta: float) -> None:
+def paper_rewarmup_multiplier(step: int, warmup_until: int, warmup_steps: int) -> float:
+    """The SPAM authors' LR multiplier at 1-based ``step`` when the last reset set ``warmup_until``.
+
+    ``0.01 + 0.99·½(1 − cos(π·c/(W + 1)))`` with ``c = step − (warmup_until − W)`` the steps since
+    the reset, while ``step < warmup_until``; 1 otherwise (their cosine decay of 0.99 over W + 1
+    steps, cut off after W).
+    """
+    if warmup_steps <= 0 or step >= warmup_until:
+        return 1.0
+    c = step - (warmup_until - warmup_steps)
+    return 0.01 + 0.99 * 0.5 * (1.0 - math.cos(math.pi * c / (warmup_steps + 1)))
+
+
+def paper_clips(step: int, interval: int, settle: int = PAPER_CLIP_SETTLE) -> bool:
+    """Whether the SPAM authors' code clips spikes at 1-based ``step``: not in the first ``settle``
+    steps of the run, nor in the first ``settle`` steps after each reset."""
+    return step >= settle and (interval <= 0 or step % interval >= settle)
+
+
+def _clip_fused(grads: list[Tensor], vs: list[Tensor], theta: float, floor: float = CLIP_FLOOR) -> None:
     """The spike clipping in the form torch.compile fuses: one pass per tensor, no temporaries."""
     for g, v in zip(grads, vs):
-        thr = torch.sqrt((v + 1e-12) * theta)
+        thr = torch.sqrt((v + floor) * theta)
         g.copy_(torch.maximum(torch.minimum(g, thr), -thr))
 
 
 @functools.cache
-def _clip_compiled() -> Callable[[list[Tensor], list[Tensor], float], None]:
+def _clip_compiled() -> Callable[[list[Tensor], list[Tensor], float, float], None]:
     """:func:`_clip_fused` through torch.compile, built on first use (once per process)."""
     return torch.compile(_clip_fused)
 
 
-def _chunks(*lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
-    """Split parallel tensor lists into runs of at most CHUNK_ELEMENTS elements (>= 1 tensor each)."""
+def _chunks(*lists: list[Any]) -> Iterator[tuple[list[Any], ...]]:
+    """Split parallel lists into runs of at most CHUNK_ELEMENTS elements of the first list's tensors
+    (>= 1 tensor each)."""
     start, size = 0, 0
     for i, t in enumerate(lists[0]):
         if size and size + t.numel() > CHUNK_ELEMENTS:
@@ -106,7 +148,8 @@ class AdamWSPAM(torch.optim.AdamW):
     Args beyond :class:`torch.optim.AdamW`'s: ``theta`` clipping strength; ``interval`` steps
     between moment resets (0: never); ``warmup_steps`` LR re-warmup after each reset (0: none);
     ``enable_clip`` spike-aware clipping; ``spike_detection`` z-score soft reset;
-    ``compile_clip`` the clipping through torch.compile (module docstring).
+    ``compile_clip`` the clipping through torch.compile; ``spam_variant`` ``"reference"`` or the
+    authors' ``"paper"``, with ``clip_settle`` its steps without clipping (module docstring).
     """
 
     def __init__(
@@ -124,6 +167,8 @@ class AdamWSPAM(torch.optim.AdamW):
         enable_clip: bool = False,
         spike_detection: bool = False,
         compile_clip: bool = False,
+        spam_variant: str = "reference",
+        clip_settle: int = PAPER_CLIP_SETTLE,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -131,6 +176,12 @@ class AdamWSPAM(torch.optim.AdamW):
             raise ValueError(f"theta must be positive, got {theta}")
         if interval < 0 or warmup_steps < 0:
             raise ValueError("interval and warmup_steps must be >= 0")
+        if spam_variant not in VARIANTS:
+            raise ValueError(f"unknown SPAM variant {spam_variant!r}; known: {', '.join(VARIANTS)}")
+        if spam_variant == "paper":
+            if amsgrad:
+                raise ValueError("the SPAM authors' optimizer (spam_variant paper) has no AMSGrad")
+            fused = False  # its own update (below), so no fused kernel and no device-side skipping
         super().__init__(
             params,
             lr=lr,
@@ -147,6 +198,8 @@ class AdamWSPAM(torch.optim.AdamW):
         self.enable_clip = enable_clip
         self.spike_detection = spike_detection
         self.compile_clip = compile_clip
+        self.spam_variant = spam_variant
+        self.clip_settle = clip_settle
         # The clipping reads the true (unscaled) gradients, so GradScaler must unscale them first
         # rather than hand the fused kernel a scale (fused AdamW sets this to True).
         self._step_supports_amp_scaling = False
@@ -161,8 +214,9 @@ class AdamWSPAM(torch.optim.AdamW):
     @property
     def clips_gradients(self) -> bool:
         """Whether :meth:`prepare_gradients` changes gradients (its clipping makes inf finite, so a
-        caller that skips non-finite steps must test the gradients before it)."""
-        return self.enable_clip
+        caller that skips non-finite steps must test the gradients before it); the paper variant
+        clips inside :meth:`step` instead."""
+        return self.enable_clip and self.spam_variant == "reference"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._prepared = False  # a step skipped after prepare_gradients: the next one prepares again
@@ -171,7 +225,9 @@ class AdamWSPAM(torch.optim.AdamW):
     @property
     def skips_on_device(self) -> bool:
         """Whether :meth:`step` takes ``found_inf``: fused, and no spike detection (it reads the host)."""
-        return bool(self.defaults.get("fused")) and not self.spike_detection
+        return (
+            bool(self.defaults.get("fused")) and not self.spike_detection and self.spam_variant == "reference"
+        )
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -194,6 +250,12 @@ class AdamWSPAM(torch.optim.AdamW):
             else:  # applies only if this step does; the next step reads back whether it did
                 self.reset_moments(keep=found_inf)
                 self._pending_reset = t
+        if self.spam_variant == "paper":
+            if self.enable_clip and paper_clips(t, self.interval, self.clip_settle):
+                self._clip_spikes(floor=0.0)  # after the trainer's global clip, as in the authors' loop
+            self._paper_adam_step(paper_rewarmup_multiplier(t, s["warmup_until"], self.warmup_steps))
+            s["step"] = t
+            return loss
         scale = self._lr_multiplier(t)
         lrs = [g["lr"] for g in self.param_groups]
         if isinstance(scale, Tensor):  # float64 like the host's value, rounded to fp32 like the kernel
@@ -224,8 +286,8 @@ class AdamWSPAM(torch.optim.AdamW):
         """
         self._settle(self.spam["step"] + 1)
         t = self.spam["step"] + 1
-        if self.enable_clip and t >= 2:  # (a skipped first call leaves v = 0: no clipping against it)
-            self._clip_spikes()
+        if self.enable_clip and t >= 2 and self.spam_variant == "reference":  # (paper: in step)
+            self._clip_spikes()  # (a skipped first call leaves v = 0: no clipping against it)
         if self.spike_detection:
             self._detect_spike()
         self._prepared = True
@@ -277,6 +339,40 @@ class AdamWSPAM(torch.optim.AdamW):
         """The AdamW update itself (torch's fused / foreach implementation)."""
         super().step()
 
+    def _paper_adam_step(self, scale: float) -> None:
+        """The SPAM authors' update: ``p ← (1 − lr·wd)·(p − lr·scale·√(1 − β₂ᵗ)/(1 − β₁ᵗ)·m/(√v + eps))``.
+
+        State keys and formats are torch AdamW's (``step`` a CPU float tensor), so masks and
+        checkpoints treat it as any AdamW state.
+        """
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            (b1, b2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+            grads = [p.grad for p in params]
+            ms = [self.state[p]["exp_avg"] for p in params]
+            vs = [self.state[p]["exp_avg_sq"] for p in params]
+            steps = [self.state[p]["step"] for p in params]
+            torch._foreach_add_(steps, 1.0)
+            sizes = [-lr * scale * math.sqrt(1 - b2 ** float(n)) / (1 - b1 ** float(n)) for n in steps]
+            for ps, gs, m, v, sz in _chunks(params, grads, ms, vs, sizes):  # bounds denom's memory
+                torch._foreach_mul_(m, b1)
+                torch._foreach_add_(m, gs, alpha=1 - b1)
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, gs, gs, value=1 - b2)
+                denom = torch._foreach_sqrt(v)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(ps, m, denom, sz)
+            if wd > 0:
+                torch._foreach_mul_(params, 1 - lr * wd)  # decay after the update, at the un-warmed LR
+
     # ------------------------------------------------------ SPAM components
     def _with_state(self, group: dict[str, Any], *keys: str) -> tuple[list[Tensor], ...]:
         """(grads, state[key] ...) of the group's parameters that have a gradient and that state."""
@@ -290,15 +386,15 @@ class AdamWSPAM(torch.optim.AdamW):
                 lst.append(st[k])
         return out
 
-    def _clip_spikes(self) -> None:
-        """g <- clamp(g, -sqrt(theta·(v + 1e-12)), +sqrt(theta·(v + 1e-12))), where v exists."""
+    def _clip_spikes(self, floor: float = CLIP_FLOOR) -> None:
+        """g <- clamp(g, -sqrt(theta·(v + floor)), +sqrt(theta·(v + floor))), where v exists."""
         for group in self.param_groups:
             grads, vs = self._with_state(group, "exp_avg_sq")
             if self.compile_clip and grads:
-                _clip_compiled()(grads, vs, self.theta)
+                _clip_compiled()(grads, vs, self.theta, floor)
                 continue
             for g, v in _chunks(grads, vs):
-                thr = torch._foreach_add(v, 1e-12)
+                thr = torch._foreach_add(v, floor)
                 torch._foreach_mul_(thr, self.theta)
                 torch._foreach_sqrt_(thr)
                 torch._foreach_minimum_(g, thr)

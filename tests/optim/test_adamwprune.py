@@ -179,6 +179,6 @@ def test_prune_embeddings_widens_the_prunable_set():
     ext.before_optimizer_step(model, opt)
     assert ext.masks.names[-1] == "lm_head.weight" and ext.pruner.optimizer is opt
     opt.step()
-    ext.on_step_end(10, model, opt)  # the ramp end: the target, over blocks and the tied embedding
+    ext.on_step_end(11, model, opt)  # iteration 10, the ramp end: the target, over blocks and tied embedding
     assert ext.masks.mask_sparsity() == pytest.approx(0.5, abs=1 / ext.masks.numel)
     assert (model.transformer.wte.weight == 0).any()

@@ -21,6 +21,23 @@ def test_cubic_schedule_values():
     assert s.sparsity_at(1100) == 0.5 and s.sparsity_at(5000) == 0.5
 
 
+def test_linear_schedule_values():
+    """Movement's reference ramp (spec §7.2): halfway through, half the target (cubic: an eighth)."""
+    s = SparsitySchedule(target=0.5, warmup=100, ramp_end=1100, frequency=50, shape="linear")
+    assert s.sparsity_at(100) == 0.0 and s.sparsity_at(1100) == 0.5
+    assert s.sparsity_at(600) == 0.25  # 0.5 * 500/1000
+    assert s.sparsity_at(350) == 0.125  # 0.5 * 250/1000
+    with pytest.raises(ValueError, match="ramp shape"):
+        SparsitySchedule(target=0.5, warmup=0, ramp_end=10, shape="exponential")
+
+
+def test_each_method_has_its_reference_ramp():
+    from gpt2.optim.prune.scores import OPTIMIZER_SCORES, SCORES
+
+    assert SCORES["movement"].ramp == "linear" and SCORES["magnitude"].ramp == "cubic"
+    assert {SCORES[name].ramp for name in OPTIMIZER_SCORES} == {"cubic"}  # AdamWPrune: cubic for all
+
+
 def test_masks_update_every_frequency_steps_and_once_at_the_ramp_end():
     s = SparsitySchedule(target=0.5, warmup=100, ramp_end=1075, frequency=50)
     assert not s.due(100, 0.0)  # nothing to prune yet
@@ -28,6 +45,50 @@ def test_masks_update_every_frequency_steps_and_once_at_the_ramp_end():
     applied = s.sparsity_at(1050)
     assert s.due(1075, applied)  # off the frequency grid, but the ramp ends here: reach the target
     assert not s.due(1100, 0.5) and not s.due(2000, 0.5)  # then hold
+
+
+# Masks over a run's steps, hand-computed: 16 weights w0 = 1, entry i's gradient i/16 at every SGD
+# step (lr 1), so after t steps a kept entry is w = 1 - t·i/16: magnitude |w| = |16 - t·i|/16,
+# movement w·(w - w0) = t·i·(t·i - 16)/256. Target 0.5, warm-up 0, ramp end 4, frequency 2: the
+# masks change after the steps of iterations 2 and 4 (steps 3 and 5), to s(2) then 0.5 = 8 of 16.
+PRUNED_AFTER_STEPS_3_AND_5 = {
+    # linear: s(2) = 0.25, 4 entries; t = 3 scores of i = 3, 2, 4, 1: -63, -60, -48, -39 (i = 0: 0)
+    ("movement", "linear"): ({1, 2, 3, 4}, set(range(8))),  # t = 5: i = 0, 5, 6, 7 score 0, 225, 420, 665
+    # cubic: s(2) = 0.5 / 8, 1 entry; t = 3: |16 - 3i| is least (1) at i = 5
+    ("magnitude", "cubic"): (
+        {5},
+        set(range(8)),
+    ),  # t = 5: |16 - 5i| = 1, 4, 6, 11, 14, 16, 19 (i = 3, 4, 2, ...)
+    ("movement", "cubic"): ({3}, set(range(8))),  # --pruning-schedule overrides either way
+    ("magnitude", "linear"): ({4, 5, 6, 7}, set(range(8))),  # |16 - 3i| = 4, 1, 2, 5 for i = 4..7
+}
+
+
+def pruned_after_each_step(score: str, shape: str, steps: int = 6) -> list[set[int]]:
+    """The pruned entries after each of ``steps`` steps of the run described above."""
+    from gpt2.trainer.extensions.pruning import PruningExtension
+
+    layer = nn.Linear(4, 4, bias=False)
+    nn.init.ones_(layer.weight)
+    model, grad = nn.Sequential(layer), torch.arange(16.0).view(4, 4) / 16
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ext = PruningExtension(score, SparsitySchedule(0.5, warmup=0, ramp_end=4, frequency=2, shape=shape))
+    pruned = []
+    for step in range(1, steps + 1):  # the loop's order of calls around one step
+        layer.weight.grad = grad.clone()
+        ext.before_optimizer_step(model, opt)
+        opt.step()
+        ext.after_optimizer_step(model, opt)
+        ext.on_step_end(step, model, opt)
+        pruned.append(set((~ext.masks.masks[0]).view(-1).nonzero().view(-1).tolist()))
+    return pruned
+
+
+@pytest.mark.parametrize(("score", "shape"), list(PRUNED_AFTER_STEPS_3_AND_5))
+def test_masks_of_a_run_at_each_step(score, shape):
+    mid, end = PRUNED_AFTER_STEPS_3_AND_5[score, shape]
+    # nothing until iteration 2 (after step 3), then held until iteration 4, then held at the target
+    assert pruned_after_each_step(score, shape) == [set(), set(), mid, mid, end, end]
 
 
 def test_bitter4_layer_sparsities():

@@ -23,7 +23,8 @@ METHODS = {
     "movement": dict(pruning_method="movement", optimizer="adamwspam", spam_enable_clip=True),
     "state": dict(pruning_method="state", optimizer="adamwprune", adamwprune_variant="bitter7"),
 }
-UPDATES = (10, 15, 20, 25, 30)  # warm-up 5, every 5 steps, ramp end 30
+# warm-up 5, every 5 iterations, ramp end 30: iterations 10, 15, ..., 30 (0-based), after steps 11, ..., 31
+UPDATES = (11, 16, 21, 26, 31)
 
 
 class Watch(Extension):
@@ -92,10 +93,11 @@ def test_run_follows_the_schedule_and_reaches_the_target(whole):
     n = pruning.masks.numel
     for step, measured in watch.sparsity.items():
         last = max((u for u in UPDATES if u <= step), default=None)
-        expected = 0.0 if last is None else count(pruning.schedule.sparsity_at(last), n) / n
+        expected = 0.0 if last is None else count(pruning.schedule.sparsity_at(last - 1), n) / n
         assert measured == expected, f"step {step}"
     assert abs(results["final_sparsity"] - 0.5) < 0.005
-    assert results["mask_updates"] == len(UPDATES) and results["last_mask_update_step"] == 30
+    assert results["mask_updates"] == len(UPDATES) and results["last_mask_update_step"] == 31
+    assert results["pruning_schedule"] == ("linear" if method == "movement" else "cubic")
     layers = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     assert set(results["sparsity_per_layer"]) == {f"h.{i}.{m}" for i in range(2) for m in layers}
     # weights + m + v (+ 1-byte masks over the prunable share, + w0 for movement), in weight multiples
@@ -109,7 +111,7 @@ def test_run_follows_the_schedule_and_reaches_the_target(whole):
 def test_resume_keeps_masks_and_schedule_position(whole, tmp_path):
     _, flags, trainer, whole_pruning, _, _, _ = whole
     _, part, _, results = run(flags, stop_at=22, output_dir=str(tmp_path))
-    assert results["iters"] == 22 and part.last_update == 20
+    assert results["iters"] == 22 and part.last_update == 21
     resumed, pruning, watch, _ = run(flags, resume="auto", output_dir=str(tmp_path))
     assert min(watch.sparsity) == 23  # continued after step 22, with step 22's masks in place
     assert watch.sparsity[23] == part.masks.weight_sparsity()[0]

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from gpt2.optim.spam import AdamWSPAM, rewarmup_multiplier
+from gpt2.optim.spam import AdamWSPAM, paper_clips, paper_rewarmup_multiplier, rewarmup_multiplier
 from tests.conftest import DEVICES, HostReads
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -131,9 +131,11 @@ def test_spike_detection_soft_resets_the_moments():
     assert torch.allclose(opt.state[p]["exp_avg_sq"], B2 * 0.9 * v + (1 - B2) * g * g)
 
 
-def test_resume_mid_rewarmup_continues_the_same_trajectory():
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_resume_mid_rewarmup_continues_the_same_trajectory(variant):
     grads = [[0.1, -0.2], [0.3, 0.05], [-0.1, 0.4], [0.2, 0.2], [0.5, -0.1], [0.05, 0.3]]
-    kw = dict(lr=0.1, weight_decay=0.1, interval=4, warmup_steps=3, enable_clip=True)
+    kw = dict(lr=0.1, weight_decay=0.1, interval=4, warmup_steps=3, enable_clip=True, spam_variant=variant)
+    kw |= dict(clip_settle=1) if variant == "paper" else {}  # the paper's clipping at steps 5 and 6
     whole, _ = run(AdamWSPAM, grads, **kw)
     first, opt = run(AdamWSPAM, grads[:5], **kw)  # stops inside the re-warm-up after the reset at 4
     p = torch.nn.Parameter(first.detach().clone())
@@ -281,3 +283,138 @@ class _Weighted(torch.nn.Module):
 
     def forward(self, x, y):
         return (self.w**2).sum() * x.sum()
+
+
+# ---------------------------------------------------------- the two variants, by hand
+# One weight, p0 = 1, beta1 = beta2 = 0.5, lr 0.1, weight decay 0.1, eps 0.01 (large, so where it is
+# added shows), theta 4, a reset every 4 steps with a 2-step re-warmup, and a spike (10) at step 5,
+# right after the reset at step 4. The paper variant settles for 2 steps (20 in the authors' code)
+# so that the sequence stays short: it clips at t >= 2 with t mod 4 >= 2, i.e. at steps 2, 3, 6.
+SPIKED = [1.0, 1.0, 1.0, 1.0, 10.0, 1.0]
+HAND = dict(lr=0.1, weight_decay=0.1, eps=0.01, betas=(0.5, 0.5), theta=4.0, interval=4, warmup_steps=2)
+
+
+def reference_by_hand(grads: list[float]) -> list[tuple[float, ...]]:
+    """(p, m, v, clipped g, LR multiplier) after each step: clip against v + 1e-12 from step 2,
+    re-warm the whole LR (decay included), torch AdamW's m̂/(√v̂ + eps)."""
+    p, m, v, until, out = 1.0, 0.0, 0.0, 0, []
+    for t, g in enumerate(grads, start=1):
+        if t >= 2:  # v of the previous step
+            thr = math.sqrt(4.0 * (v + 1e-12))
+            g = max(-thr, min(thr, g))
+        if t % 4 == 0:
+            m = v = 0.0
+            until = t + 2
+        scale = max(1e-3, 0.5 * (1 - math.cos(math.pi * (t - (until - 2)) / 2))) if t < until else 1.0
+        lr = 0.1 * scale
+        p *= 1 - lr * 0.1
+        m, v = 0.5 * m + 0.5 * g, 0.5 * v + 0.5 * g * g
+        p -= lr * (m / (1 - 0.5**t)) / (math.sqrt(v / (1 - 0.5**t)) + 0.01)
+        out.append((p, m, v, g, scale))
+    return out
+
+
+def paper_by_hand(grads: list[float]) -> list[tuple[float, ...]]:
+    """The same for the authors' code: reset, then clip against v only where it settled,
+    re-warm 0.01 + 0.99·½(1 − cos(π·c/3)), eps on the raw √v, decay after at the plain LR."""
+    p, m, v, until, out = 1.0, 0.0, 0.0, 0, []
+    for t, g in enumerate(grads, start=1):
+        if t % 4 == 0:
+            m = v = 0.0
+            until = t + 2
+        if t >= 2 and t % 4 >= 2 and g * g > 4.0 * v:
+            g = math.copysign(math.sqrt(4.0 * v), g)
+        c = t - (until - 2)
+        scale = 0.01 + 0.99 * 0.5 * (1 - math.cos(math.pi * c / 3)) if t < until else 1.0
+        m, v = 0.5 * m + 0.5 * g, 0.5 * v + 0.5 * g * g
+        p -= 0.1 * scale * math.sqrt(1 - 0.5**t) / (1 - 0.5**t) * m / (math.sqrt(v) + 0.01)
+        p -= 0.1 * 0.1 * p
+        out.append((p, m, v, g, scale))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("variant", "by_hand", "spike_seen", "multipliers"),
+    [
+        # the spike is clipped against one step of v after the reset: sqrt(4·0.5) = √2
+        ("reference", reference_by_hand, math.sqrt(2.0), [1.0, 1.0, 1.0, 1e-3, 0.5, 1.0]),
+        # the spike comes in the settling steps after the reset: it passes whole; re-warmup
+        # 0.01 at the reset, then 0.01 + 0.99·¼ = 0.2575 (cos(π/3) = ½), then 1
+        ("paper", paper_by_hand, 10.0, [1.0, 1.0, 1.0, 0.01, 0.2575, 1.0]),
+    ],
+)
+def test_each_variant_follows_its_hand_computed_steps_through_a_spike_after_a_reset(
+    variant, by_hand, spike_seen, multipliers
+):
+    expected = by_hand(SPIKED)
+    assert [e[4] for e in expected] == pytest.approx(multipliers, abs=1e-12)
+    assert expected[4][3] == pytest.approx(spike_seen)
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = AdamWSPAM([p], enable_clip=True, spam_variant=variant, clip_settle=2, **HAND)
+    for t, (g, (p_t, m_t, v_t, g_t, _)) in enumerate(zip(SPIKED, expected), start=1):
+        p.grad = torch.tensor([g])
+        opt.step()
+        assert p.grad.item() == pytest.approx(g_t, rel=1e-6), t  # the gradient the update used
+        assert opt.state[p]["exp_avg"].item() == pytest.approx(m_t, rel=1e-6), t
+        assert opt.state[p]["exp_avg_sq"].item() == pytest.approx(v_t, rel=1e-6), t
+        assert p.item() == pytest.approx(p_t, rel=1e-6), t
+    assert opt.spam["resets"] == 1 and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_the_variants_differ_where_the_authors_code_does():
+    ref, paper = reference_by_hand(SPIKED), paper_by_hand(SPIKED)
+    assert ref[0][0] != pytest.approx(paper[0][0], rel=1e-4)  # eps placement and decay order, step 1
+    assert ref[4][1] < paper[4][1] / 2  # the clipped spike moves m far less
+
+
+def test_paper_settling_and_rewarmup_at_the_authors_settings():
+    """20 settling steps at the start and after each reset (interval 500); re-warmup over W = 150."""
+    assert [paper_clips(t, 500) for t in (1, 19, 20, 499, 500, 519, 520)] == [0, 0, 1, 1, 0, 0, 1]
+    assert [paper_clips(t, 0) for t in (19, 20, 5000)] == [0, 1, 1]  # no resets: only the start
+    assert paper_rewarmup_multiplier(500, 650, 150) == pytest.approx(0.01)
+    last = paper_rewarmup_multiplier(649, 650, 150)  # c = 149 of a cosine over 151 steps
+    assert last == pytest.approx(0.01 + 0.99 * 0.5 * (1 - math.cos(math.pi * 149 / 151)))
+    assert last < 1.0 and paper_rewarmup_multiplier(650, 650, 150) == 1.0
+
+
+def test_paper_variant_clips_in_step_after_the_global_clip_and_has_no_amsgrad():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = AdamWSPAM([p], enable_clip=True, spam_variant="paper", fused=True, interval=0, clip_settle=1)
+    assert not opt.clips_gradients and not opt.skips_on_device  # the trainer's host check skips
+    p.grad = torch.tensor([1.0])
+    opt.step()
+    p.grad = torch.tensor([1e6])
+    opt.prepare_gradients()  # what the trainer calls before its global clip: no clipping there
+    assert p.grad.item() == 1e6
+    opt.step()
+    assert p.grad.item() == pytest.approx(math.sqrt(50.0 * 0.001), rel=1e-6)  # sqrt(theta·v), in step
+    with pytest.raises(ValueError, match="no AMSGrad"):
+        AdamWSPAM([p], spam_variant="paper", amsgrad=True)
+
+
+def test_a_paper_variant_run_resumes_exactly(tiny_flags, tmp_path):
+    """In the trainer (host-side skip check, clipping inside the step): a run resumed mid-re-warmup
+    from its checkpoint ends with the uninterrupted run's weights."""
+    from gpt2.config import resolve
+    from gpt2.trainer import checkpoint
+    from gpt2.trainer.run import train_once
+
+    flags = dict(
+        tiny_flags,
+        optimizer="adamwspam",
+        spam_variant="paper",
+        spam_enable_clip=True,
+        spam_interval=4,
+        spam_warmup_steps=3,
+        save_checkpoint=True,
+        checkpoint_interval=5,  # inside the re-warmup after the reset at step 4
+        keep_checkpoints=2,
+    )
+    train_once(resolve(dict(flags, output_dir=str(tmp_path / "full"))))
+    mid = tmp_path / "full" / checkpoint.step_name(5)
+    train_once(resolve(dict(flags, output_dir=str(tmp_path / "resumed"), resume=str(mid))))
+    a = checkpoint.load(tmp_path / "full" / checkpoint.LAST)
+    b = checkpoint.load(tmp_path / "resumed" / checkpoint.LAST)
+    assert a["optimizer"]["spam"]["resets"] == 2  # at steps 4 and 8
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)

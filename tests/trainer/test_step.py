@@ -49,7 +49,7 @@ def test_training_step_reads_nothing_back_from_the_device(tiny_flags, name, devi
     for _ in range(2):  # the optimizer state first; SPAM confirms at step 2 that clipping may start
         trainer.step_fn(trainer.data.train_batch, 1e-3)
     for ext in trainer.extensions:  # pruning: masks at some sparsity, so masking does real work
-        ext.on_step_end(2, trainer.model, trainer.optimizer)
+        ext.on_step_end(3, trainer.model, trainer.optimizer)  # iteration 2, past the warm-up
     # On CUDA, also any synchronising call (a blocking copy, a stream or device sync) raises.
     sync_mode = torch.cuda.get_sync_debug_mode() if device == "cuda" else None
     try:

@@ -1,8 +1,9 @@
 """Importance scores, registered by name: ``score(weight, state) -> tensor``; higher keeps, lower prunes.
 
 This table is the only place the scores are defined: ``--pruning-method`` and
-``--adamwprune-variant`` choices, their help, the extra training some variants get and the
-layer-wise thresholds are all read from it. It imports no torch, so the command line can use it.
+``--adamwprune-variant`` choices, their help, the extra training some variants get, the
+layer-wise thresholds and each method's sparsity ramp (``--pruning-schedule auto``) are all read
+from it. It imports no torch, so the command line can use it.
 
 ``state`` is a mapping of named tensors for that weight: Adam's ``exp_avg`` (m), ``exp_avg_sq``
 (v), ``step`` (t) and ``beta1`` for the AdamWPrune variants, the weights at the start of
@@ -40,6 +41,7 @@ class Importance:
     layerwise: bool = False  # threshold each layer at its own sparsity (layer_sparsity)
     extra_iters: float = 0.0  # extra training (fraction of --max-iters) the reference's recipe gives it
     from_optimizer: bool = False  # an AdamWPrune variant: scored from the optimizer's moments
+    ramp: str = "cubic"  # the reference's sparsity ramp for this score (schedule.RAMPS)
 
     @property
     def reads_moments(self) -> bool:
@@ -101,7 +103,10 @@ def _bitter(formula: str, fn: ScoreFn, needs: tuple[str, ...] = (), **kw: Any) -
 
 SCORES: dict[str, Importance] = {
     "magnitude": Importance("|w|", lambda w, s: w.abs()),
-    "movement": Importance("w·(w − w₀), w₀ the weights at the start of training", _movement, ("initial",)),
+    # the reference ramps movement pruning linearly (its §7.2), magnitude and AdamWPrune cubically
+    "movement": Importance(
+        "w·(w − w₀), w₀ the weights at the start of training", _movement, ("initial",), ramp="linear"
+    ),
     "bitter0": _bitter("w²·|m|/(√v + ε)  (momentum × stability)", _bitter0, _MV),
     "bitter1": _bitter("|w|  (magnitude)", lambda w, s: w.abs()),
     "bitter2": _bitter("|w|  (magnitude)", lambda w, s: w.abs(), extra_iters=0.21),

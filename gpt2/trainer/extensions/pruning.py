@@ -7,6 +7,11 @@ gradient entries are zeroed before clipping (so the clipped norm is that of the 
 and, for optimizers that could move a zero weight (none of the built-in ones), the masks are
 re-applied after it. After each step, when the schedule says so, the masks grow to the
 scheduled sparsity and the pruned entries of the weights and of the optimizer state are zeroed.
+
+The schedule counts iterations from 0, as the reference's pruners and the LR schedule do: after
+the loop's step ``s`` (its 1-based count) it is at iteration ``s − 1``, so with
+``--pruning-frequency 50`` the masks change after steps 51, 101, ... (the reference's iterations
+50, 100, ...). Reports (``last_mask_update_step``) give the loop's step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from gpt2.errors import UserError
 from gpt2.optim.prune.masks import MaskSet, prunable_parameters, short_name, zero_fraction
 from gpt2.optim.prune.pruner import Pruner
 from gpt2.optim.prune.schedule import SparsitySchedule
+from gpt2.optim.prune.scores import SCORES
 from gpt2.trainer.extension import Extension
 
 # Optimizers whose step keeps a zero weight with a zero gradient and zero state at exactly zero.
@@ -80,6 +86,8 @@ class PruningExtension(Extension):
             warmup=p.pruning_warmup,
             ramp_end=p.pruning_ramp_end,
             frequency=p.pruning_frequency,
+            # resolve() replaces auto by the score's reference ramp; a config built by hand may not
+            shape=SCORES[cfg.pruning_score].ramp if p.pruning_schedule == "auto" else p.pruning_schedule,
         )
         verbose = not cfg.train.quiet and not cfg.train.dry_run
         bump = iteration_bump(cfg)
@@ -118,8 +126,8 @@ class PruningExtension(Extension):
             s, m = self.schedule, self.pruner.masks
             print(
                 f"pruning ({self.score}): {m.numel:,} weights in {len(m)} tensors to "
-                f"{s.target:.1%} sparsity, cubic ramp from step {s.warmup} to {s.ramp_end}, "
-                f"masks updated every {s.frequency} steps",
+                f"{s.target:.1%} sparsity, {s.shape} ramp from iteration {s.warmup} to {s.ramp_end} "
+                f"(0-based), masks updated every {s.frequency} iterations",
                 flush=True,
             )
         return self.pruner
@@ -143,9 +151,10 @@ class PruningExtension(Extension):
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         pruner = self._bind(model, optimizer)
+        it = step - 1  # the 0-based iteration that step ``step`` ran
         # under --max-time the ramp follows time as the LR does, so the run reaches its target
-        position = max(step, self.time_fraction * self.horizon) if self.horizon else step
-        if not self.schedule.due(step, self.applied, position):
+        position = max(it, self.time_fraction * self.horizon) if self.horizon else it
+        if not self.schedule.due(it, self.applied, position):
             return
         sparsity = self.schedule.sparsity_at(position)
         pruner.prune(sparsity, seed=step)
@@ -189,6 +198,7 @@ class PruningExtension(Extension):
             "final_sparsity": overall,
             "sparsity_per_layer": per,
             "target_sparsity": self.schedule.target,
+            "pruning_schedule": self.schedule.shape,
             "pruning_score": self.score,
             "prunable_params": self.masks.numel if self.masks is not None else None,
             "mask_updates": self.updates,
