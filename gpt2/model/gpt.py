@@ -91,15 +91,18 @@ class GPT(nn.Module):
     def supports_kv_cache(self) -> bool:
         return all(type(b.attn).supports_kv_cache for b in self.transformer.h)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Without targets: (B, T) -> logits (B, T, vocab).
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, logits_at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Without targets: (B, T) -> logits (B, T, vocab); with ``logits_at`` (B, T) bool, only the
+        logits of those positions, (N, vocab) in row-major order (the head is most of the cost).
 
         With targets (B, T): the mean cross-entropy over positions whose target is not -1,
         a scalar; the full logits are not returned so the loss can be computed cheaply.
         """
         h = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(h)
+            return self.lm_head(h if logits_at is None else h[logits_at])
         flat = h.reshape(-1, h.size(-1))
         return lm_loss(flat, self.lm_head.weight, targets.reshape(-1), self.config.sparse_targets)
 

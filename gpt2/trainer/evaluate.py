@@ -63,7 +63,7 @@ def evaluate(
 def _answer_metrics(eval_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[loss, accuracy] over the answer positions (target != -1) of one batch, from its logits."""
     asked = y != -1
-    logits = eval_model(x)[asked].float()
+    logits = eval_model(x, logits_at=asked).float()
     target = y[asked]
     loss = F.cross_entropy(logits, target)
     return torch.stack([loss, (logits.argmax(dim=-1) == target).float().mean()])

@@ -28,13 +28,13 @@ class _Oracle(nn.Module):
         super().__init__()
         self.targets = targets
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, logits_at=None) -> torch.Tensor:
         logits = torch.zeros(*x.shape, 8)
         logits[..., 0] = 1.0
         rows, cols = torch.nonzero(self.targets != -1, as_tuple=True)
         right = torch.arange(len(rows)) % 2 == 0
         logits[rows[right], cols[right], self.targets[rows[right], cols[right]]] = 3.0
-        return logits
+        return logits[logits_at]
 
 
 class _Data:
@@ -69,6 +69,18 @@ def _mqar_flags(out: Path, **kw) -> dict:
         learning_rate=3e-3, warmup_steps=10, max_iters=150, eval_interval=75, eval_samples=4, log_interval=25,
         device="cpu", dtype="float32", quiet=True, sample_tokens=0, output_dir=str(out), threads=1,
     ) | kw  # fmt: skip
+
+
+def test_logits_at_selected_positions_are_those_of_the_full_logits() -> None:
+    from gpt2.model import GPT
+    from tests.conftest import small_gpt_config
+
+    model = GPT(small_gpt_config()).eval()
+    x = torch.randint(0, 50, (2, 8))
+    at = torch.zeros(2, 8, dtype=torch.bool)
+    at[0, 3] = at[1, 0] = at[1, 7] = True
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, logits_at=at), model(x)[at])
 
 
 def test_a_model_learns_mqar_and_its_accuracy_reaches_results_and_metrics(tmp_path) -> None:
