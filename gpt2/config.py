@@ -185,15 +185,16 @@ class AblationSection:
     )
     min_effect: float = opt(
         0.02,
-        "the smallest difference in --decide-on that matters (nats for a loss): an arm whose difference "
-        "is shown to lie within it is decided as 'no difference larger than E'",
+        "the smallest difference in --decide-on that matters (nats for a loss, a share for an accuracy): "
+        "an arm whose difference is shown to lie within it is decided as 'no difference larger than E'",
         rule=POSITIVE,
         metavar="E",
     )
     decide_on: str = opt(
         "val_loss_at_equal_tokens",
         "the metric of the verdicts: val_loss_at_equal_tokens, val_loss_at_equal_time, final_val_loss, "
-        "best_val_loss, or any number in a run's results.json",
+        "best_val_loss, accuracy (a synthetic task's val accuracy at equal tokens), or any number in a "
+        "run's results.json (final_mc_<task>_acc_norm, ...); higher is better for accuracies",
         metavar="METRIC",
     )
     ablate: str | None = opt(
