@@ -289,7 +289,7 @@ def _equal_text(equal: dict[str, Any]) -> str:
         return ""
     return (
         f" The equal-budget columns compare every arm at the smallest run's budget, {equal['tokens']:,.0f} "
-        f"tokens and {equal['train_time_s']:.1f} s of training, its val loss interpolated between "
+        f"tokens and {equal['train_time_s']:.1f} s of training, each value interpolated between "
         + (
             "its comparison evaluations (the same validation batches at steps 16, 23, 32, 45, ... and at "
             "the end of every run, outside the training time and the evaluation budget)"

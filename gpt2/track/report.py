@@ -456,7 +456,7 @@ def draw_arm_bands(arms: dict[str, list[Run]], out: Path, metric: str = "val_los
                 gx, [min(c) for _, c in keep], [max(c) for _, c in keep], color=f"C{i % 10}", alpha=0.2
             )
         where = " on the comparison batches" if compared else ""
-        ax.set_title(f"{what}{where} per arm (mean, min-max over seeds)", fontsize="medium")
+        ax.set_title(f"{what}{where} per arm\n(mean, min-max over seeds)", fontsize="medium")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
         if ax.get_lines() or ax.containers:
