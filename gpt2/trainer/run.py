@@ -47,7 +47,8 @@ def train_once(cfg: RunConfig) -> dict:
         return info
     results = trainer.fit()
     stopped = str(results["stop_reason"]).startswith("signal")
-    if cfg.output.sample_tokens > 0 and not cfg.train.quiet and not stopped:
+    # (a synthetic task's ids are not GPT-2 text: nothing to sample)
+    if cfg.output.sample_tokens > 0 and not cfg.train.quiet and not stopped and cfg.task_params is None:
         with STOP.cancellable(f"while sampling: the run had finished, results in {cfg.output.output_dir}"):
             text = trainer.sample(cfg.output.sample_tokens)
         print("---- sample ----")
