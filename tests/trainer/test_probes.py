@@ -150,3 +150,10 @@ def test_a_web_corpus_too_small_for_the_run_names_the_exact_preparation() -> Non
     hint = more_data_hint("finewebedu", "./gpt2/data", 10_000 * 64 * 1024)
     assert hint == "python gpt2/prepare_data.py --dataset finewebedu --max-tokens 728177778 --force"
     assert more_data_hint("shakespeare", "./gpt2/data", 10**9) == ""  # nothing more to prepare
+
+
+def test_a_synthetic_run_ends_without_a_text_sample(tmp_path, capsys) -> None:
+    """GPT-2 text cannot be encoded into a task's vocabulary: the end-of-run sample is skipped."""
+    flags = _mqar_flags(tmp_path / "run", max_iters=2, quiet=False, sample_tokens=20, eval_interval=2)
+    train_once(resolve(flags))
+    assert "---- sample ----" not in capsys.readouterr().out
