@@ -245,22 +245,12 @@ class ExampleBatches(TokenBatches):
     answers = True
 
     def __init__(
-        self,
-        task: str,
-        params: TaskParams,
-        examples: dict[str, int],
-        task_seed: int,
-        batch_size: int,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        prefetch: bool | None = None,
+        self, task: str, params: TaskParams, examples: dict[str, int], task_seed: int, **stream: Any
     ) -> None:
+        """``examples``: how many per split; ``stream``: :class:`TokenBatches`' ``batch_size``,
+        ``device``, ``seed``, ``rank``, ``world_size``, ``prefetch``."""
         self.task, self.params, self._counts, self._task_seed = task, params, examples, task_seed
-        super().__init__(
-            Path(task), params.seq_len, batch_size, device, seed, rank, world_size, prefetch=prefetch
-        )
+        super().__init__(Path(task), block_size=params.seq_len, **stream)
 
     def _open(self, split: str) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
         return synthetic.examples(self.task, self.params, split, self._counts[split], self._task_seed)

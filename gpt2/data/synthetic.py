@@ -57,7 +57,6 @@ class Task:
     description: str
     generate: Callable[[np.random.Generator, int, TaskParams], tuple[np.ndarray, np.ndarray]]
     problem: Callable[[TaskParams], str | None]
-    answers_per_example: Callable[[TaskParams], int]
 
 
 def _distinct_rows(rng: np.random.Generator, count: int, k: int, low: int, high: int) -> np.ndarray:
@@ -144,14 +143,12 @@ TASKS = {
             "multi-query associative recall (Zoology): recall the value of each queried key",
             _mqar,
             _mqar_problem,
-            lambda p: p.kv_pairs,
         ),
         Task(
             "copy",
             "copying: repeat block/2 random tokens after a separator",
             _copy,
             _copy_problem,
-            lambda p: p.seq_len // 2,
         ),
     )
 }

@@ -250,6 +250,7 @@ class Trainer:
     def _setup_data(self) -> None:
         from gpt2.data.loader import ExampleBatches, TokenBatches
         from gpt2.data.prepare import ensure_prepared
+        from gpt2.tasks.multiple_choice import load_task
 
         c = self.cfg
         where = dict(
@@ -258,7 +259,7 @@ class Trainer:
         if c.task_params is not None:  # a synthetic task: generated, nothing to prepare
             counts = {"train": c.data.task_train_examples, "val": c.data.task_val_examples}
             self.data = ExampleBatches(
-                c.data.dataset, c.task_params, counts, c.data.task_seed, c.data.batch_size, **where
+                c.data.dataset, c.task_params, counts, c.data.task_seed, batch_size=c.data.batch_size, **where
             )
         else:
             data_dir = ensure_prepared(
@@ -268,8 +269,6 @@ class Trainer:
                 progress=not c.train.quiet,
             )
             self.data = TokenBatches(data_dir, self.gpt_config.block_size, c.data.batch_size, **where)
-        from gpt2.tasks.multiple_choice import load_task
-
         self.mc_tasks = [load_task(path) for path in c.eval_tasks]
         if c.train.num_epochs is not None:
             self.max_iters = max(
