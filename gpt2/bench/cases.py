@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from gpt2.kernels.xent import FUSED_ENV
+
 # Workloads: RunConfig overrides, exactly the configurations in which nanoGPT's figures below
 # were measured, so the ratio compares the same work. nanoGPT ran unchanged but for the shape and
 # batch, so with its own defaults: no biases and no dropout (our GPT-2 preset trains with both,
@@ -49,15 +51,18 @@ ANCHORS: dict[str, list[Anchor]] = {
 class Case:
     """One row of the table: what it changes on top of the preset (RunConfig overrides) and how it
     is measured: ``step`` times the real training step, ``reference`` nanoGPT's computation,
-    ``generate`` generation with and without the KV cache (see :data:`gpt2.bench.workers.MEASURES`)."""
+    ``generate`` generation with and without the KV cache (see :data:`gpt2.bench.workers.MEASURES`);
+    ``env``: environment of its worker process (the switches that are not run settings)."""
 
     name: str
     note: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     measure: str = "step"
+    env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))  # rows stay rows
+        for name in ("overrides", "env"):  # rows stay rows
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
 
 def ra(step: str, **more: Any) -> dict[str, Any]:
@@ -83,6 +88,7 @@ CASES: dict[str, Case] = _by_name(
         measure="generate",
     ),
     Case("vanilla", "the preset's model, as nanoGPT configures it"),
+    Case("vanilla-aten", "the loss's softmax on ATen's ops, not the fused kernel", env={FUSED_ENV: "0"}),
     Case("vanilla-ref", "the GPT-2 preset's (and earlier system's) defaults", dict(bias=True, dropout=0.1)),
     Case(
         "vanilla-cudnn",

@@ -6,6 +6,7 @@ so peak memory and warm-up are measured cleanly): the real training step, nanoGP
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -40,7 +41,9 @@ def run_worker(
     ``profile``: a folder; after the timing, a few steps run under the PyTorch profiler and
     their operator table (and a Chrome trace) are written there.
     """
-    measure = MEASURES[CASES[case.partition(":")[0]].measure]
+    row = CASES[case.partition(":")[0]]
+    os.environ.update(row.env)  # this worker process only; read when the kernels first load
+    measure = MEASURES[row.measure]
     return measure(case, case_values(preset, case, extra, device), Timing(steps, warmup, profile))
 
 

@@ -14,6 +14,27 @@ from gpt2.model.loss import lm_loss
 from gpt2.model.mlp import MLP_VARIANTS
 
 
+class TokenEmbedding(nn.Embedding):
+    """The token lookup. Once tied to the LM head (``tied_to_head``), its gradient on CPU is sparse
+    (the rows looked up) and autograd adds it in place into the head's dense gradient of the same
+    weight, instead of zero-filling a second (vocab x C) gradient and adding the two (measured:
+    10.7 ms of a 74 ms bf16 tiny step on 2 EPYC cores). The weight's gradient is dense either way,
+    and the module's hooks and state dict are ``nn.Embedding``'s."""
+
+    tied_to_head = False
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        sparse = self.sparse or (
+            self.tied_to_head
+            and idx.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # the compiler takes dense gradients only
+        )
+        return F.embedding(
+            idx, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, sparse
+        )
+
+
 class Block(nn.Module):
     """Pre-LayerNorm residual block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
 
@@ -42,7 +63,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=TokenEmbedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
@@ -51,6 +72,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.transformer.wte.tied_to_head = True
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -3,13 +3,13 @@
 On CPU a GPT-2 step is dominated by the (tokens x 50k) logits: allocating, faulting in and
 freeing them, their softmax and their gradient. The chunked form computes loss and both
 gradients a few rows at a time in the forward pass (the loss is the graph's output, so the
-incoming gradient is just a scalar that backward applies). Each chunk's logits get one softmax
-pass; the loss is read off it and the gradient is the softmax itself, less one at the target.
-It is exact: same loss and gradients as ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)``
-up to float rounding (tested).
+incoming gradient is just a scalar that backward applies). Each chunk's logits are overwritten
+by their gradient, softmax less one at the target, in one fused sweep per row that also gives
+the loss (:func:`gpt2.kernels.xent_rows`). It is exact: same loss and gradients as
+``F.cross_entropy(h @ W.T, targets, ignore_index=-1)`` up to float rounding (tested).
 
 Under CPU bf16 autocast the three head matmuls run in bf16 (AMX makes them 3-5x faster than
-fp32; AVX512-BF16 alone does not) while the softmax stays in fp32, which is the precision autocast
+fp32, AVX512-BF16 on a Zen 4 2.5x) while the softmax stays in fp32, which is the precision autocast
 itself gives ``linear`` followed by ``cross_entropy``.
 """
 
@@ -18,32 +18,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Rows per chunk so one chunk of fp32 logits stays under glibc's 32 MiB mmap ceiling: such blocks
-# come from the reused heap instead of fresh, page-faulting mappings (measured: 114 ms vs 200 ms
-# for head + loss + gradients of 512 rows on 2 cores; 64-128-row chunks were fastest).
+from gpt2.kernels import fused_xent_available, xent_rows
+
+# Bytes of logits per chunk (125 fp32 or 250 bf16 rows of 50k), so one chunk of fp32 logits stays
+# under glibc's 32 MiB mmap ceiling: such blocks come from the reused heap instead of fresh,
+# page-faulting mappings (measured: 114 ms vs 200 ms for head + loss + gradients of 512 rows on 2
+# cores; 64-128-row chunks were fastest).
 CHUNK_BYTES = 24 * 2**20
 # bf16 path: the logit gradients of this many rows are kept and multiplied into the weight
 # gradient at once (one large bf16 matmul beats many thin ones; ~100 MB at 1024 x 50k).
 GROUP_ROWS = 1024
-# That buffer is larger than the mmap ceiling, so a fresh one per step would be page-faulted in
-# every time (measured: 38 ms of a 185 ms tiny step). It is allocated once and kept.
-_group_buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+# That buffer, and the bf16 copy of the head's weight, are kept from step to step: fresh ones are
+# page-faulted in every time (measured: 38 ms of a 185 ms tiny step for the first; casting the
+# weight into a kept buffer takes 0.47 ms against 1.1 ms into a fresh one).
+_kept_buffers: dict[str, torch.Tensor] = {}
 
 
-def _group_buffer(vocab: int, dtype: torch.dtype) -> torch.Tensor:
-    key = (GROUP_ROWS, vocab, dtype)
-    if key not in _group_buffers:
-        _group_buffers.clear()  # one model per process: keep at most one buffer
-        _group_buffers[key] = torch.empty((GROUP_ROWS, vocab), dtype=dtype)
-    return _group_buffers[key]
-
-
-def _target_nll(logits: torch.Tensor, probs: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
-    """Per-row -log softmax(logits)[target], from the softmax already computed, exactly: the row's
-    largest probability sits at its largest logit m and is at least 1/vocab, so logsumexp =
-    m - log(max p) never underflows (unlike -log p[target]), and costs two cheap max passes."""
-    lse = logits.amax(dim=1).float() - probs.amax(dim=1).log()
-    return lse - logits.gather(1, safe).squeeze(1).float()
+def _kept(slot: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The process's buffer for ``slot`` (one model per process: a new shape replaces it)."""
+    buf = _kept_buffers.get(slot)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        _kept_buffers[slot] = buf = torch.empty(shape, dtype=dtype)
+    return buf
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -61,33 +57,33 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             n, vocab = h.shape[0], weight.shape[0]
             valid_all = (targets != -1).to(torch.float32)
             count = valid_all.sum().clamp(min=1)
-            safe_all = targets.clamp(min=0).unsqueeze(1)
+            safe_all = targets.clamp(min=0)
             low = compute_dtype != torch.float32
-            hx, wx = h.to(compute_dtype), weight.to(compute_dtype)
+            hx = h.to(compute_dtype)
+            wx = _kept("weight", tuple(weight.shape), compute_dtype).copy_(weight) if low else weight
             total = torch.zeros((), dtype=torch.float32)
             grad_h = torch.empty_like(hx) if need_grad else None
             grad_w: torch.Tensor | None = None  # fp32; the first product initialises it (no zero fill)
-            group = _group_buffer(vocab, compute_dtype) if need_grad and low else None
+            group = _kept("group", (GROUP_ROWS, vocab), compute_dtype) if need_grad and low else None
             scale_all = valid_all / count  # d loss / d logits = (softmax - onehot) * scale, per row
-            minus_one = torch.full((n, 1), -1.0)
             for g0 in range(0, n, GROUP_ROWS):
                 g1 = min(n, g0 + GROUP_ROWS)
                 for start in range(g0, g1, rows):
                     end = min(g1, start + rows)
                     hc, safe, valid = hx[start:end], safe_all[start:end], valid_all[start:end]
-                    logits = torch.mm(hc, wx.t())
-                    # One softmax pass (each 50k row stays in cache) instead of log_softmax, exp and
-                    # a scaling pass over the whole chunk: the loss is read off it (_target_nll),
-                    # and the row scale moves onto the small (rows x C) operands of the two matmuls.
-                    probs = torch.softmax(logits, dim=1, dtype=torch.float32)
-                    total += (_target_nll(logits, probs, safe) * valid).sum()
+                    # The logits go where their gradient will be: the kernel overwrites each row
+                    # with softmax - onehot in one sweep, and the loss comes with it; the row
+                    # scale moves onto the small (rows x C) operands of the two matmuls.
+                    if group is not None:
+                        logits = torch.mm(hc, wx.t(), out=group[start - g0 : end - g0])
+                    else:
+                        logits = torch.mm(hc, wx.t())
+                    total += (xent_rows(logits, safe, logits) * valid).sum()
                     if not need_grad:
                         continue
-                    probs.scatter_add_(1, safe, minus_one[start:end])
+                    probs = logits  # now softmax - onehot
                     if low:  # bf16 products; their scaling happens in fp32, below
-                        gc = group[start - g0 : end - g0]
-                        gc.copy_(probs)
-                        torch.mm(gc, wx, out=grad_h[start:end])
+                        torch.mm(probs, wx, out=grad_h[start:end])
                     else:
                         scale = scale_all[start:end].unsqueeze(1)
                         torch.mm(probs, wx, out=grad_h[start:end]).mul_(scale)
@@ -95,13 +91,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         grad_w = probs.t() @ hs if grad_w is None else grad_w.addmm_(probs.t(), hs)
                 if need_grad and low:  # the 0/1 mask is exact in bf16; 1/count is applied in fp32
                     hs = hx[g0:g1] * valid_all[g0:g1].unsqueeze(1).to(hx.dtype)
-                    part = torch.mm(group[: g1 - g0].t(), hs).float().div_(count)
+                    part = torch.mm(group[: g1 - g0].t(), hs).float()
                     grad_w = part if grad_w is None else grad_w.add_(part)
             if need_grad and low:
                 grad_h = grad_h.float().mul_(scale_all.unsqueeze(1))
             # Kept on ctx rather than saved: backward scales them in place (no 25 MB copy per
             # step) and drops them, so a second backward fails loudly instead of scaling twice.
             ctx.grads = (grad_h.to(h.dtype), grad_w.to(weight.dtype)) if need_grad else None
+            ctx.w_scale = 1 / count if low else None  # bf16: grad_w's 1/count, with grad_out's
             return total / count
 
     @staticmethod
@@ -110,7 +107,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("lm_loss: backward through the chunked loss can run only once")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
-        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None
+        w_scale = grad_out if ctx.w_scale is None else grad_out * ctx.w_scale
+        return grad_h.mul_(grad_out), grad_w.mul_(w_scale), None, None, None, None
+
+
+def loss_kernel(device: torch.device) -> str:
+    """What computes the softmax of the loss on ``device``: ``fused`` (the compiled CPU kernel,
+    built now if needed), ``aten`` (PyTorch's ops: no C compiler here, or GPT2_FUSED_LOSS=0), or
+    ``cross_entropy`` (off CPU, ``F.cross_entropy``)."""
+    if device.type != "cpu":
+        return "cross_entropy"
+    return "fused" if fused_xent_available() else "aten"
 
 
 def lm_loss(
@@ -137,7 +144,7 @@ def lm_loss(
                 asked = targets != -1
                 if 0 < int(asked.sum()) < len(targets):
                     h, targets = h[asked], targets[asked]
-            rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+            rows = max(1, CHUNK_BYTES // (compute.itemsize * weight.shape[0]))
             # Gradients are computed in the forward pass, so only when backward can follow: not
             # under no_grad (evaluation), where forward alone is a fraction of the cost.
             need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)

@@ -23,7 +23,9 @@ import torch
 from gpt2 import config_file, faults
 from gpt2.config import RunConfig
 from gpt2.errors import UserError
+from gpt2.export import load_hf_weights
 from gpt2.model import GPT
+from gpt2.model.loss import loss_kernel
 from gpt2.optim import build_optimizer, lr_at
 from gpt2.runtime import (
     autocast,
@@ -72,6 +74,7 @@ class Trainer:
         self.dist = distributed.from_env()
         self.device = distributed.init(self.dist, resolve_device(cfg.train.device), cfg.dist.dist_timeout)
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
+        self.loss_kernel = loss_kernel(self.device)  # (builds the CPU kernel now, before any clock)
         select_sdpa_backend(cfg.model.sdpa_backend, self.device)
         self.out_dir = Path(cfg.output.output_dir)
         self.console = Console(not cfg.train.quiet and self.dist.is_main)
@@ -84,8 +87,6 @@ class Trainer:
         self.gpt_config = cfg.gpt_config()
         self.model = GPT(self.gpt_config)
         if cfg.model.init_from:
-            from gpt2.export import load_hf_weights
-
             load_hf_weights(self.model, cfg.model.init_from)
         self.model.to(self.device)
         if self.dist.enabled:
@@ -747,7 +748,8 @@ class Trainer:
         c = self.cfg
         ranks = f" x {self.dist.world_size} ranks" if self.dist.enabled else ""
         self.say(
-            f"model {c.model.model_name} ({self.n_params / 1e6:.2f}M params) on {self.device} {self.dtype}; "
+            f"model {c.model.model_name} ({self.n_params / 1e6:.2f}M params) on {self.device} {self.dtype} "
+            f"(loss softmax: {self.loss_kernel}); "
             f"{self.tokens_per_step:,} tokens/step (batch {c.data.batch_size} x accumulation "
             f"{c.data.gradient_accumulation}{ranks} x block {self.gpt_config.block_size}); "
             f"train {self.data.num_tokens('train'):,} / val {self.data.num_tokens('val'):,} tokens"
@@ -839,6 +841,7 @@ class Trainer:
             "lr_scale": st.lr_scale,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "loss_kernel": self.loss_kernel,
             "world_size": self.dist.world_size,
             "process_time_s": wall,
             "config": self.cfg.to_dict(),

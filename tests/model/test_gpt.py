@@ -455,3 +455,37 @@ def test_short_bf16_cpu_attention_runs_in_fp32_and_matches_bf16_sdpa() -> None:
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
+def _tied_gradient(model, x, y, micro_steps: int) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    for _ in range(micro_steps):
+        model(x, y).backward()
+    return model.lm_head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("micro_steps", [1, 2])
+def test_tied_weight_gradient_with_the_sparse_lookup_equals_the_dense_one(micro_steps, monkeypatch) -> None:
+    """On CPU the lookup's gradient is sparse and lands inside the head's dense one: the weight's
+    gradient is the same dense tensor as with the plain lookup, also accumulated over micro-steps,
+    and no (vocab x C) gradient is zero-filled for the lookup."""
+    from tests.conftest import OpNames
+
+    class OpNames(OpNames):  # an embedding's dense backward, named with its row count
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__ == "embedding_dense_backward.default":
+                self.names.append(f"dense lookup gradient, {args[2]} rows")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=1, n_head=2, n_embd=16))
+    x, y = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+    with OpNames() as ops:
+        sparse = _tied_gradient(model, x, y, micro_steps)
+    assert not model.lm_head.weight.grad.is_sparse
+    assert "dense lookup gradient, 97 rows" not in ops.names
+    monkeypatch.setattr(model.transformer.wte, "tied_to_head", False)
+    with OpNames() as ops:
+        dense = _tied_gradient(model, x, y, micro_steps)
+    assert "dense lookup gradient, 97 rows" in ops.names  # (the check above can fail)
+    torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-7)
