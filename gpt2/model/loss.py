@@ -144,7 +144,9 @@ def lm_loss(
                 asked = targets != -1
                 if 0 < int(asked.sum()) < len(targets):
                     h, targets = h[asked], targets[asked]
-            rows = max(1, CHUNK_BYTES // (compute.itemsize * weight.shape[0]))
+            # (ATen's softmax makes an fp32 copy of each chunk: without the kernel, fp32-sized chunks)
+            itemsize = compute.itemsize if fused_xent_available() else 4
+            rows = max(1, CHUNK_BYTES // (itemsize * weight.shape[0]))
             # Gradients are computed in the forward pass, so only when backward can follow: not
             # under no_grad (evaluation), where forward alone is a fraction of the cost.
             need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
