@@ -145,7 +145,7 @@ def lm_loss(
                 if 0 < int(asked.sum()) < len(targets):
                     h, targets = h[asked], targets[asked]
             # (ATen's softmax makes an fp32 copy of each chunk: without the kernel, fp32-sized chunks)
-            itemsize = compute.itemsize if fused_xent_available() else 4
+            itemsize = 4 if compute is torch.float32 or not fused_xent_available() else compute.itemsize
             rows = max(1, CHUNK_BYTES // (itemsize * weight.shape[0]))
             # Gradients are computed in the forward pass, so only when backward can follow: not
             # under no_grad (evaluation), where forward alone is a fraction of the cost.
