@@ -48,23 +48,28 @@ def arch_flags() -> list[str]:
     return [f"-march={X86_MARCH.get(limit, 'native')}"]
 
 
+def compiler() -> str | None:
+    """``$CC``, else ``cc`` or ``gcc`` from PATH; None when there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL:
     """The compiled ``<name>.c`` of this package, built if this machine has none yet."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         raise KernelUnavailable("no C compiler (cc/gcc) on PATH; set CC")
     source = SOURCES / f"{name}.c"
     flags = [*BASE_FLAGS, *arch_flags()]
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise KernelUnavailable(f"{compiler} --version failed: {e}") from e
+        raise KernelUnavailable(f"{cc} --version failed: {e}") from e
     key = hashlib.sha256("\0".join([source.read_text(), *flags, version]).encode()).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"{name}-{key}.so"
     if not target.exists():
-        _compile(compiler, flags, source, folder, target)
+        _compile(cc, flags, source, folder, target)
     try:
         return ctypes.CDLL(str(target))
     except OSError as e:

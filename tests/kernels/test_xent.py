@@ -19,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def kernel():
+    if build.compiler() is None:
+        pytest.skip("no C compiler here: the loss runs on ATen's ops (tested in tests/model/test_loss.py)")
     xent._kernel.cache_clear()
     if not xent.fused_xent_available():
-        pytest.fail("the fused loss kernel did not build on this machine")
+        pytest.fail("a C compiler is here, yet the fused loss kernel did not build")
     yield
     xent._kernel.cache_clear()
 

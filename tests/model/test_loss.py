@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.kernels import xent
+from gpt2.kernels import build, xent
 from gpt2.model import loss as lm
 from tests.conftest import OpNames
 
@@ -16,9 +16,11 @@ def loss_path(request, monkeypatch) -> str:
     """Every test here runs on the fused kernel and on ATen's formulation it replaces."""
     if request.param == "aten":
         monkeypatch.setenv(xent.FUSED_ENV, "0")
+    if request.param == "fused" and build.compiler() is None:
+        pytest.skip("no C compiler here: the loss runs on ATen's ops")
     xent._kernel.cache_clear()
     if request.param == "fused" and not xent.fused_xent_available():
-        pytest.fail("the fused loss kernel did not build on this machine")
+        pytest.fail("a C compiler is here, yet the fused loss kernel did not build")
     yield request.param
     xent._kernel.cache_clear()
 

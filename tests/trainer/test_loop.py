@@ -11,6 +11,7 @@ import torch
 
 from gpt2.config import resolve
 from gpt2.data.loader import TokenBatches
+from gpt2.kernels import build
 from gpt2.trainer import checkpoint
 from gpt2.trainer.extension import Extension
 from gpt2.trainer.loop import Trainer
@@ -232,6 +233,7 @@ def test_bf16_training_follows_fp32(tiny_flags, tmp_path) -> None:
         )
         results = train_once(resolve(flags))
         assert results["dtype"] == dtype
+        assert results["loss_kernel"] == ("fused" if build.compiler() else "aten")
         runs[dtype] = (_losses(out / "metrics.jsonl"), results["final_val_loss"])
     (fp32, fp32_val), (bf16, bf16_val) = runs["float32"], runs["bfloat16"]
     assert fp32[40] < fp32[1] - 1.0  # both learn ...
