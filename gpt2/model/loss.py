@@ -20,26 +20,36 @@ import torch.nn.functional as F
 
 from gpt2.kernels import fused_xent_available, xent_rows
 
-# Bytes of logits per chunk (125 fp32 or 250 bf16 rows of 50k), so one chunk of fp32 logits stays
-# under glibc's 32 MiB mmap ceiling: such blocks come from the reused heap instead of fresh,
-# page-faulting mappings (measured: 114 ms vs 200 ms for head + loss + gradients of 512 rows on 2
-# cores; 64-128-row chunks were fastest).
-CHUNK_BYTES = 24 * 2**20
-# bf16 path: the logit gradients of this many rows are kept and multiplied into the weight
-# gradient at once (one large bf16 matmul beats many thin ones; ~100 MB at 1024 x 50k).
-GROUP_ROWS = 1024
-# That buffer, and the bf16 copy of the head's weight, are kept from step to step: fresh ones are
-# page-faulted in every time (measured: 38 ms of a 185 ms tiny step for the first; casting the
-# weight into a kept buffer takes 0.47 ms against 1.1 ms into a fresh one).
+# Bytes of logits per chunk (521 fp32 or 1042 bf16 rows of 50k). The chunk is computed into a
+# buffer kept from step to step and overwritten by its gradient in place, so its size is no longer
+# held under glibc's 32 MiB mmap ceiling; larger chunks make the three head matmuls less thin
+# (measured, 512 rows of 50,304 x 128 on 2 EPYC cores: fp32 head + loss + gradients 131 ms in
+# 125-row chunks, 113 in 256-row ones, 110 in one chunk; bf16 34-35 ms in 250 and 33 in 512).
+CHUNK_BYTES = 96 * 2**20
+# Without the kernel, ATen's softmax makes a fresh fp32 copy of each chunk: that one must stay
+# under the mmap ceiling, or every chunk is page-faulted in (114 ms against 200 ms, 512 rows).
+ATEN_CHUNK_BYTES = 24 * 2**20
+# The chunk buffer and the bf16 copy of the head's weight are kept from step to step: fresh ones
+# are page-faulted in every time (measured: 38 ms of a 185 ms tiny step for a 1024-row bf16
+# buffer; casting the weight into a kept buffer takes 0.47 ms against 1.1 ms into a fresh one).
 _kept_buffers: dict[str, torch.Tensor] = {}
 
 
 def _kept(slot: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """The process's buffer for ``slot`` (one model per process: a new shape replaces it)."""
+    """The process's buffer for ``slot``, at least ``shape`` (first dimension sliced to it); it
+    grows when a larger one is asked for, and a new dtype or width replaces it."""
     buf = _kept_buffers.get(slot)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
+    if buf is None or buf.dtype != dtype or buf.shape[1] != shape[1] or buf.shape[0] < shape[0]:
         _kept_buffers[slot] = buf = torch.empty(shape, dtype=dtype)
-    return buf
+    return buf[: shape[0]]
+
+
+def chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows of logits per chunk: :data:`CHUNK_BYTES` of them with the fused kernel, else
+    :data:`ATEN_CHUNK_BYTES` of fp32 (ATen's softmax copy)."""
+    if not torch.compiler.is_compiling() and fused_xent_available():
+        return max(1, CHUNK_BYTES // (dtype.itemsize * vocab))
+    return max(1, min(CHUNK_BYTES, ATEN_CHUNK_BYTES) // (4 * vocab))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -61,38 +71,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             low = compute_dtype != torch.float32
             hx = h.to(compute_dtype)
             wx = _kept("weight", tuple(weight.shape), compute_dtype).copy_(weight) if low else weight
+            buf = None  # (the compiler traces fresh tensors, not the kept buffer)
+            if not torch.compiler.is_compiling():
+                buf = _kept("logits", (min(n, rows), vocab), compute_dtype)
             total = torch.zeros((), dtype=torch.float32)
             grad_h = torch.empty_like(hx) if need_grad else None
             grad_w: torch.Tensor | None = None  # fp32; the first product initialises it (no zero fill)
-            group = _kept("group", (GROUP_ROWS, vocab), compute_dtype) if need_grad and low else None
             scale_all = valid_all / count  # d loss / d logits = (softmax - onehot) * scale, per row
-            for g0 in range(0, n, GROUP_ROWS):
-                g1 = min(n, g0 + GROUP_ROWS)
-                for start in range(g0, g1, rows):
-                    end = min(g1, start + rows)
-                    hc, safe, valid = hx[start:end], safe_all[start:end], valid_all[start:end]
-                    # The logits go where their gradient will be: the kernel overwrites each row
-                    # with softmax - onehot in one sweep, and the loss comes with it; the row
-                    # scale moves onto the small (rows x C) operands of the two matmuls.
-                    if group is not None:
-                        logits = torch.mm(hc, wx.t(), out=group[start - g0 : end - g0])
-                    else:
-                        logits = torch.mm(hc, wx.t())
-                    total += (xent_rows(logits, safe, logits) * valid).sum()
-                    if not need_grad:
-                        continue
-                    probs = logits  # now softmax - onehot
-                    if low:  # bf16 products; their scaling happens in fp32, below
-                        torch.mm(probs, wx, out=grad_h[start:end])
-                    else:
-                        scale = scale_all[start:end].unsqueeze(1)
-                        torch.mm(probs, wx, out=grad_h[start:end]).mul_(scale)
-                        hs = hc * scale
-                        grad_w = probs.t() @ hs if grad_w is None else grad_w.addmm_(probs.t(), hs)
-                if need_grad and low:  # the 0/1 mask is exact in bf16; 1/count is applied in fp32
-                    hs = hx[g0:g1] * valid_all[g0:g1].unsqueeze(1).to(hx.dtype)
-                    part = torch.mm(group[: g1 - g0].t(), hs).float()
+            for start in range(0, n, rows):
+                end = min(n, start + rows)
+                hc, safe, valid = hx[start:end], safe_all[start:end], valid_all[start:end]
+                # The kernel overwrites each row of logits with its gradient, softmax - onehot, in
+                # one sweep that also gives the loss; the row scale moves onto the small (rows x C)
+                # operands of the two matmuls.
+                out = None if buf is None else buf[: end - start]
+                logits = torch.mm(hc, wx.t(), out=out)
+                total += (xent_rows(logits, safe, logits) * valid).sum()
+                if not need_grad:
+                    continue
+                probs = logits  # now softmax - onehot
+                if low:  # bf16 products, scaled in fp32: 1/count in bf16 would be 0.2% off
+                    torch.mm(probs, wx, out=grad_h[start:end])
+                    part = torch.mm(probs.t(), hc * valid.unsqueeze(1).to(hc.dtype)).float()
                     grad_w = part if grad_w is None else grad_w.add_(part)
+                else:
+                    scale = scale_all[start:end].unsqueeze(1)
+                    torch.mm(probs, wx, out=grad_h[start:end]).mul_(scale)
+                    hs = hc * scale
+                    grad_w = probs.t() @ hs if grad_w is None else grad_w.addmm_(probs.t(), hs)
             if need_grad and low:
                 grad_h = grad_h.float().mul_(scale_all.unsqueeze(1))
             # Kept on ctx rather than saved: backward scales them in place (no 25 MB copy per
@@ -144,9 +150,7 @@ def lm_loss(
                 asked = targets != -1
                 if 0 < int(asked.sum()) < len(targets):
                     h, targets = h[asked], targets[asked]
-            # (ATen's softmax makes an fp32 copy of each chunk: without the kernel, fp32-sized chunks)
-            itemsize = 4 if compute is torch.float32 or not fused_xent_available() else compute.itemsize
-            rows = max(1, CHUNK_BYTES // (itemsize * weight.shape[0]))
+            rows = chunk_rows(weight.shape[0], compute)
             # Gradients are computed in the forward pass, so only when backward can follow: not
             # under no_grad (evaluation), where forward alone is a fraction of the cost.
             need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
