@@ -20,18 +20,20 @@ import torch.nn.functional as F
 
 from gpt2.kernels import fused_xent_available, xent_rows
 
-# Bytes of logits per chunk (521 fp32 or 1042 bf16 rows of 50k). The chunk is computed into a
-# buffer kept from step to step and overwritten by its gradient in place, so its size is no longer
-# held under glibc's 32 MiB mmap ceiling; larger chunks make the three head matmuls less thin
-# (measured, 512 rows of 50,304 x 128 on 2 EPYC cores: fp32 head + loss + gradients 131 ms in
-# 125-row chunks, 113 in 256-row ones, 110 in one chunk; bf16 34-35 ms in 250 and 33 in 512).
-CHUNK_BYTES = 96 * 2**20
+# Bytes of logits per chunk at most (667 fp32 or 1334 bf16 rows of 50k; chunks of equal size).
+# The chunk is computed into a buffer kept from step to step and overwritten by its gradient in
+# place, so its size is no longer held under glibc's 32 MiB mmap ceiling; larger chunks make the
+# three head matmuls less thin (measured, 512 rows of 50,304 x 128 on 2 EPYC cores: fp32 head +
+# loss + gradients 131 ms in 125-row chunks, 113 in 256-row ones, 110 in one chunk).
+CHUNK_BYTES = 128 * 2**20
 # Without the kernel, ATen's softmax makes a fresh fp32 copy of each chunk: that one must stay
 # under the mmap ceiling, or every chunk is page-faulted in (114 ms against 200 ms, 512 rows).
 ATEN_CHUNK_BYTES = 24 * 2**20
-# The chunk buffer and the bf16 copy of the head's weight are kept from step to step: fresh ones
-# are page-faulted in every time (measured: 38 ms of a 185 ms tiny step for a 1024-row bf16
-# buffer; casting the weight into a kept buffer takes 0.47 ms against 1.1 ms into a fresh one).
+# The chunk buffer, the bf16 copy of the head's weight and its bf16 gradient product are kept
+# from step to step: fresh ones are page-faulted in every time (measured: 38 ms of a 185 ms tiny
+# step for a 1024-row bf16 buffer; casting the weight into a kept buffer takes 0.47 ms against
+# 1.1 ms into a fresh one; GPT-2 124M's bf16 head, 1024 rows: 456 ms in chunks of 1000 and 24
+# rows with fresh gradient products, 388 ms in two of 512 with a kept one, 351 ms in one chunk).
 _kept_buffers: dict[str, torch.Tensor] = {}
 
 
@@ -71,9 +73,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             low = compute_dtype != torch.float32
             hx = h.to(compute_dtype)
             wx = _kept("weight", tuple(weight.shape), compute_dtype).copy_(weight) if low else weight
-            buf = None  # (the compiler traces fresh tensors, not the kept buffer)
+            rows = -(-n // -(-n // rows))  # the fewest chunks, of equal size (no thin last one)
+            buf = wbuf = None  # (the compiler traces fresh tensors, not kept buffers)
             if not torch.compiler.is_compiling():
-                buf = _kept("logits", (min(n, rows), vocab), compute_dtype)
+                buf = _kept("logits", (rows, vocab), compute_dtype)
+                wbuf = _kept("weight_grad", tuple(weight.shape), compute_dtype) if need_grad and low else None
             total = torch.zeros((), dtype=torch.float32)
             grad_h = torch.empty_like(hx) if need_grad else None
             grad_w: torch.Tensor | None = None  # fp32; the first product initialises it (no zero fill)
@@ -92,8 +96,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs = logits  # now softmax - onehot
                 if low:  # bf16 products, scaled in fp32: 1/count in bf16 would be 0.2% off
                     torch.mm(probs, wx, out=grad_h[start:end])
-                    part = torch.mm(probs.t(), hc * valid.unsqueeze(1).to(hc.dtype)).float()
-                    grad_w = part if grad_w is None else grad_w.add_(part)
+                    part = torch.mm(probs.t(), hc * valid.unsqueeze(1).to(hc.dtype), out=wbuf)
+                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
                 else:
                     scale = scale_all[start:end].unsqueeze(1)
                     torch.mm(probs, wx, out=grad_h[start:end]).mul_(scale)
