@@ -73,7 +73,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             low = compute_dtype != torch.float32
             hx = h.to(compute_dtype)
             wx = _kept("weight", tuple(weight.shape), compute_dtype).copy_(weight) if low else weight
-            rows = -(-n // -(-n // rows))  # the fewest chunks, of equal size (no thin last one)
+            rows = max(1, -(-n // max(1, -(-n // rows))))  # the fewest chunks, equal (no thin last one)
             buf = wbuf = None  # (the compiler traces fresh tensors, not kept buffers)
             if not torch.compiler.is_compiling():
                 buf = _kept("logits", (rows, vocab), compute_dtype)
