@@ -475,7 +475,7 @@ class TrainSection:
     dtype: str = opt(
         "auto",
         "autocast dtype. auto: bfloat16 on CUDA (float16 if unsupported), on CPUs with AMX, and on CPUs "
-        "with AVX512-BF16 where a 50 ms matmul probe finds bf16 1.3x faster than fp32 (AMD Zen 4: yes; "
+        "with AVX512-BF16 where a 50 ms matmul probe finds bf16 1.3x faster than fp32 (AMD EPYC: yes; "
         "Xeons without AMX: no, bf16 measured slower there); else float32",
         choices=DTYPES,
     )

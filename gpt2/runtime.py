@@ -93,7 +93,7 @@ def cpu_has_native_bf16() -> bool:
     Measured on 2 cores with AMX: a (1024x128) @ (128x50304) product takes 1.8 ms in bf16 against
     5.0 ms in fp32 per 128 rows. AVX512-BF16 alone differs by CPU: on 2 Xeon cores without AMX
     (2026-11-30) the tiny training step took 192 ms in bf16 against 137 ms in fp32, while on 2 AMD
-    EPYC (Zen 4) cores (2026-12-04) it took 72 against 176 ms; hence the probe, not a flag rule.
+    EPYC cores (2026-12-04) it took 72 against 176 ms; hence the probe, not a flag rule.
     """
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if limit and "AMX" not in limit and limit not in ("ALL", "DEFAULT"):  # AMX off (CPU_ISA_ENV)
@@ -103,7 +103,7 @@ def cpu_has_native_bf16() -> bool:
     return _has_cpu_flag("avx512_bf16") and _bf16_matmul_speedup() >= BF16_MARGIN
 
 
-BF16_MARGIN = 1.3  # measured speed-ups sit far on either side: 0.7x (Xeon) and 2.4x (EPYC Zen 4)
+BF16_MARGIN = 1.3  # measured speed-ups sit far on either side: 0.7x (Xeon) and 2.4x (AMD EPYC)
 
 
 def _has_cpu_flag(flag: str) -> bool:

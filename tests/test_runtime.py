@@ -93,7 +93,7 @@ def test_the_trainer_selects_the_configured_kernel(tiny_flags) -> None:
     "amx,avx512_bf16,speedup,expected",
     [
         (True, False, 0.0, torch.bfloat16),
-        (False, True, 2.4, torch.bfloat16),  # AMD EPYC (Zen 4): the tiny step 2.4x faster in bf16
+        (False, True, 2.4, torch.bfloat16),  # AMD EPYC: the tiny step 2.4x faster in bf16
         (False, True, 0.7, torch.float32),  # Xeon without AMX: bf16 slower (measured)
         (False, False, 9.9, torch.float32),  # no bf16 instructions: no probe
     ],

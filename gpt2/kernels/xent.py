@@ -3,7 +3,7 @@
 The chunked LM loss (:mod:`gpt2.model.loss`) needs, for every chunk of logits, the loss of each
 row and ``softmax - onehot(target)`` in the dtype of the next matmul. ATen does that in six passes
 over the chunk (a cast to fp32, three inside softmax, two maxima) plus a cast back to bf16, each
-over 50k-wide rows; the kernel does it in one sweep per row. Measured on 2 AMD EPYC (Zen 4) cores,
+over 50k-wide rows; the kernel does it in one sweep per row. Measured on 2 AMD EPYC (Zen 5) cores,
 125 x 50,304 bf16 logits: 0.9 ms against 4.6 ms with ATen's ops.
 """
 

@@ -9,7 +9,7 @@ the loss (:func:`gpt2.kernels.xent_rows`). It is exact: same loss and gradients 
 ``F.cross_entropy(h @ W.T, targets, ignore_index=-1)`` up to float rounding (tested).
 
 Under CPU bf16 autocast the three head matmuls run in bf16 (AMX makes them 3-5x faster than
-fp32, AVX512-BF16 on a Zen 4 2.5x) while the softmax stays in fp32, which is the precision autocast
+fp32, AVX512-BF16 on an AMD EPYC 2.5x) while the softmax stays in fp32, which is the precision autocast
 itself gives ``linear`` followed by ``cross_entropy``.
 """
 
